@@ -1,0 +1,564 @@
+"""The Bank: the one front door. Every CLI command is one method here.
+
+Write paths follow one order (DESIGN invariant 2): stream and fsync every object first, then commit
+the rows and move the ref in one short transaction. A failure before the commit leaves at most
+unreferenced objects, which `gc` removes; a failure at the commit changes nothing.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import shutil
+import subprocess
+import uuid
+from contextlib import ExitStack
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+import xxhash
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import func, select
+
+from skillbank import groups as groups_mod
+from skillbank.card import model_card
+from skillbank.codecs import DEFAULT_CODEC, TaskVectorWriter, get_codec
+from skillbank.db import Database, Eval, Meta, Ref, RefLog, Skill, TaskVector, Version
+from skillbank.db import migrate
+from skillbank.errors import CheckpointError, IntegrityError, RefError, SkillbankError, ValidationError
+from skillbank.lineage import Head, ancestors, create_ref, move_branch, read_head, resolve, write_head
+from skillbank.lineage.refs import check_name
+from skillbank.merge import MANIFEST_FORMAT, add_pass, manifests_of, materialize, open_chain
+from skillbank.merge.recipe import assign_groups, format_alphas, parse_alpha
+from skillbank.store import ObjectStore
+from skillbank.tensors import Checkpoint, CheckpointWriter, TensorSpec, header_bytes
+from skillbank.tensors.sources import open_source
+from skillbank.tensors.writer import as_bytes, canonical, write_text_atomic
+
+BANK_FILE = "bank.json"
+MAX_REL_DISTANCE = 0.5  # ||ft - parent|| / ||parent|| above this does not look like a finetune
+Progress = Callable[[int], None] | None
+OUTPUT_NAMES = ("model.safetensors", "model.safetensors.index.json")
+
+
+def default_author() -> str:
+    if os.environ.get("SKILLBANK_AUTHOR"):
+        return os.environ["SKILLBANK_AUTHOR"]
+    try:
+        name = subprocess.run(["git", "config", "user.name"], capture_output=True, text=True,
+                              timeout=5).stdout.strip()
+        if name:
+            return name
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return getpass.getuser()
+
+
+def _iso(t: datetime) -> str:
+    return t.isoformat(timespec="seconds") + "Z"
+
+
+def _specs_of(ckpt: Checkpoint) -> list[TensorSpec]:
+    return [TensorSpec(i.name, i.dtype, i.shape) for i in ckpt]
+
+
+def _param_count(specs: list[TensorSpec]) -> tuple[int, int]:
+    return sum(s.numel for s in specs), sum(s.nbytes for s in specs)
+
+
+class Bank:
+    def __init__(self, root: Path, db: Database, bank_id: str):
+        self.root = root
+        self.db = db
+        self.id = bank_id
+        self.store = ObjectStore(root)
+        self.author = default_author()
+
+    # ----------------------------------------------------------------- open / init
+
+    @staticmethod
+    def default_db_url(root: Path) -> str:
+        return f"sqlite:///{root.resolve() / 'bank.db'}"
+
+    @classmethod
+    def open(cls, root: str | os.PathLike, db_url: str | None = None) -> "Bank":
+        root = Path(root)
+        marker = root / BANK_FILE
+        if not marker.is_file():
+            raise SkillbankError(f"no bank at {root} (create one with `skillbank init --base PATH`)")
+        info = json.loads(marker.read_text())
+        db = Database(db_url or info.get("db_url") or cls.default_db_url(root))
+        try:
+            migrate.ensure_current(db.engine)
+            with db.read() as s:
+                row = s.get(Meta, "bank_id")
+        except (sa_exc.OperationalError, sa_exc.InterfaceError) as e:
+            raise SkillbankError(f"cannot reach the database: {str(e.orig).strip().splitlines()[0]}") from None
+        if row is None:
+            raise SkillbankError(f"the database at {db.url!r} holds no bank; run `skillbank init` first")
+        if row.value != info["bank_id"]:
+            raise SkillbankError(f"the database holds bank {row.value}, but {root} is bank {info['bank_id']}")
+        return cls(root, db, row.value)
+
+    @classmethod
+    def init(cls, root: str | os.PathLike, base: str, db_url: str | None = None,
+             message: str | None = None, progress: Progress = None) -> tuple["Bank", dict]:
+        root = Path(root)
+        if (root / BANK_FILE).exists():
+            raise SkillbankError(f"a bank already exists at {root}")
+        created = not root.exists()
+        try:
+            with open_source(base) as ckpt:
+                if not ckpt.tensors:
+                    raise CheckpointError(f"{base}: holds no tensors")
+                store = ObjectStore(root).create()
+                base_obj = cls._store_base(store, ckpt, progress)
+                config = store.put_bytes(ckpt.config.read_bytes()) if ckpt.config else None
+                specs = _specs_of(ckpt)
+                largest = max(f.path.stat().st_size for f in ckpt.files)
+                layout = {"max_shard_size": largest if len(ckpt.files) > 1 else None}
+                source = ckpt.source
+            manifest = store.put_json({
+                "format": MANIFEST_FORMAT, "tensors": [s.to_json() for s in canonical(specs)],
+                "base": base_obj, "parent_manifest": None, "step": None, "config": config,
+                "layout": layout,
+            })
+            url = db_url or cls.default_db_url(root)
+            db = Database(url)
+            try:
+                migrate.ensure_current(db.engine)
+            except (sa_exc.OperationalError, sa_exc.InterfaceError) as e:
+                raise SkillbankError(f"cannot reach the database: {str(e.orig).strip().splitlines()[0]}") from None
+            bank_id = uuid.uuid4().hex
+            author = default_author()
+            n_params, n_bytes = _param_count(specs)
+            with db.write() as s:
+                existing = s.get(Meta, "bank_id")
+                if existing is not None:
+                    raise SkillbankError(f"the database at {url!r} already holds bank {existing.value}")
+                s.add(Meta(key="bank_id", value=bank_id))
+                s.add(Version(id=0, parent_id=None, skill_id=None, method="base", alphas=None,
+                              group_preset=None, digest=base_obj, manifest=manifest, source=source,
+                              n_params=n_params, n_bytes=n_bytes, author=author,
+                              message=message or f"base from {source}"))
+                s.flush()
+                create_ref(s, "main", "branch", 0, "init", author, f"init from {source}")
+            info = {"format": 1, "bank_id": bank_id}
+            if db_url:
+                info["db_url"] = db_url
+            write_text_atomic(root / BANK_FILE, json.dumps(info, indent=2) + "\n")
+            write_head(root, Head(branch="main"), "init")
+        except BaseException:
+            if created:
+                shutil.rmtree(root, ignore_errors=True)
+            raise
+        bank = cls(root, db, bank_id)
+        return bank, {"bank": bank_id, "version": "v0", "branch": "main", "digest": base_obj,
+                      "tensors": len(specs), "params": n_params, "bytes": n_bytes, "source": source}
+
+    @staticmethod
+    def _store_base(store: ObjectStore, ckpt: Checkpoint, progress: Progress) -> str:
+        """Stream the base into its canonical single-file form; its object digest is the weights digest."""
+        from skillbank.merge.engine import blocks
+
+        specs = canonical(_specs_of(ckpt))
+        with store.writer() as w:
+            w.write(header_bytes(specs))
+            for spec in specs:
+                for _, first, count in blocks(spec):
+                    x = ckpt.read(spec.name, first, count)
+                    if x.is_floating_point() and not bool(x.isfinite().all()):
+                        raise CheckpointError(f"{ckpt.source}: tensor {spec.name!r} contains NaN or Inf")
+                    w.write(as_bytes(x))
+                    if progress:
+                        progress(x.numel() * x.element_size())
+            return w.commit()
+
+    def close(self) -> None:
+        self.db.dispose()
+
+    # ----------------------------------------------------------------- refs
+
+    @property
+    def head(self) -> Head:
+        return read_head(self.root)
+
+    def resolve(self, ref: str) -> Version:
+        with self.db.read() as s:
+            return resolve(s, ref, self.head)
+
+    # ----------------------------------------------------------------- add-skill
+
+    def add_skill(self, name: str, finetuned: str, alpha: str | float, *, from_ref: str | None = None,
+                  branch: str | None = None, codec: str = DEFAULT_CODEC, groups: str | None = None,
+                  preset: str | None = None, force: bool = False, message: str | None = None,
+                  demos: dict | None = None, trainer: str | None = "external",
+                  trainer_settings: dict | None = None, progress: Progress = None) -> dict:
+        check_name(name, "skill")
+        alphas = parse_alpha(alpha)
+        codec_impl = get_codec(codec)
+        head = self.head
+        with self.db.read() as s:
+            parent = resolve(s, from_ref or "HEAD", head)
+            target, expected = self._target_branch(s, head, parent, from_ref, branch)
+        with ExitStack() as stack:
+            ft = stack.enter_context(open_source(finetuned))
+            chain = open_chain(self.store, parent.manifest)
+            stack.callback(chain.close)
+            self._check_compatible(chain.specs, ft, parent.label, force)
+            names = [s_.name for s_ in chain.specs]
+            rules = (groups_mod.load_rules_file(groups) if groups else
+                     groups_mod.get_preset(preset) if preset else groups_mod.detect_preset(names))
+            assignment = assign_groups(names, alphas, rules)
+            tv = TaskVectorWriter(self.store, codec_impl)
+            try:
+                stats = add_pass(chain, ft, codec_impl, tv, "retain", alphas, assignment, progress)
+                if not force:
+                    if stats.delta_sq == 0.0:
+                        raise ValidationError(
+                            f"{finetuned} is identical to the parent {parent.label}; nothing to add "
+                            "(--force to record it anyway)")
+                    if stats.rel_norm > MAX_REL_DISTANCE:
+                        raise ValidationError(
+                            f"{finetuned} does not look finetuned from {parent.label} (relative distance "
+                            f"{stats.rel_norm:.3f} > {MAX_REL_DISTANCE}); pass --force if you know better")
+                tv_obj = tv.commit()
+            except BaseException:
+                tv.abort()
+                raise
+            ft_source = ft.source
+        manifest = self.store.put_json({
+            "format": MANIFEST_FORMAT, "tensors": [s_.to_json() for s_ in canonical(chain.specs)],
+            "base": None, "parent_manifest": parent.manifest, "config": self._config_of(parent),
+            "layout": self.store.get_json(parent.manifest).get("layout"),
+            "step": {"method": "retain", "task_vector": tv_obj, "alphas": alphas,
+                     "groups": assignment, "codec": codec_impl.name},
+        })
+        n_params, n_bytes = _param_count(chain.specs)
+        demos = demos or {}
+        for attempt in range(20):
+            try:
+                with self.db.write() as s:
+                    vid = (s.scalar(select(func.max(Version.id))) or 0) + 1
+                    tvrow = TaskVector(parent_version_id=parent.id, codec=codec_impl.name,
+                                       codec_params=codec_impl.params(), object=tv_obj,
+                                       raw_bytes=stats.raw_bytes, stored_bytes=self.store.size(tv_obj),
+                                       rel_error=stats.rel_error, rel_norm=stats.rel_norm)
+                    s.add(tvrow)
+                    s.flush()
+                    skill = Skill(name=name, parent_version_id=parent.id, finetuned_source=ft_source,
+                                  finetuned_digest=stats.finetuned_digest, demos_uri=demos.get("uri"),
+                                  demos_digest=demos.get("digest"), demos_dvc_hash=demos.get("dvc_hash"),
+                                  demos_git_rev=demos.get("git_rev"), trainer=trainer,
+                                  trainer_settings=trainer_settings, task_vector_id=tvrow.id)
+                    s.add(skill)
+                    s.flush()
+                    s.add(Version(id=vid, parent_id=parent.id, skill_id=skill.id, method="retain",
+                                  alphas=alphas, group_preset=rules.name, digest=stats.digest,
+                                  manifest=manifest, source=None, n_params=n_params, n_bytes=n_bytes,
+                                  author=self.author, message=message or f"add skill {name}"))
+                    s.flush()
+                    if expected is None:
+                        create_ref(s, target, "branch", vid, "add-skill", self.author, f"add-skill {name}")
+                    else:
+                        move_branch(s, target, expected, vid, "add-skill", self.author, f"add-skill {name}")
+                break
+            except sa_exc.IntegrityError:
+                # Another writer took this version number first; the ref check below decides.
+                if attempt == 19:
+                    raise
+        return {"version": f"v{vid}", "parent": parent.label, "skill": name, "branch": target,
+                "alpha": format_alphas(alphas), "alphas": alphas, "digest": stats.digest,
+                "codec": codec_impl.name, "raw_bytes": stats.raw_bytes,
+                "stored_bytes": self.store.size(tv_obj), "rel_norm": stats.rel_norm,
+                "groups": rules.name}
+
+    def _target_branch(self, s, head: Head, parent: Version, from_ref: str | None,
+                       branch: str | None) -> tuple[str, int | None]:
+        """Which branch gets the new version, and the tip it must still have at commit time."""
+        if branch:
+            check_name(branch, "branch")
+            ref = s.get(Ref, branch)
+            if ref is None:
+                return branch, None
+            if ref.kind != "branch":
+                raise RefError(f"{branch!r} is a tag; tags do not move")
+            if ref.version_id != parent.id:
+                raise RefError(f"branch {branch!r} is at v{ref.version_id}, not at the parent {parent.label}; "
+                               "use --from with its tip or name a new branch")
+            return branch, ref.version_id
+        if head.branch is None:
+            raise RefError(f"HEAD is detached at v{head.version}; pass --branch NAME to hold the new version")
+        ref = s.get(Ref, head.branch)
+        if ref is None:
+            raise RefError(f"HEAD's branch {head.branch!r} does not exist")
+        if from_ref and ref.version_id != parent.id:
+            raise RefError(f"--from {from_ref} ({parent.label}) is not the tip of {head.branch!r} "
+                           f"(v{ref.version_id}); pass --branch NAME to hold the new version")
+        return head.branch, ref.version_id
+
+    @staticmethod
+    def _check_compatible(specs: list[TensorSpec], ft: Checkpoint, parent: str, force: bool) -> None:
+        want = {s.name: s for s in specs}
+        missing = sorted(set(want) - set(ft.tensors))
+        if missing:
+            raise ValidationError(f"{ft.source} lacks {len(missing)} of {parent}'s tensors (e.g. {missing[0]!r})")
+        extra = sorted(set(ft.tensors) - set(want))
+        if extra and not force:
+            raise ValidationError(f"{ft.source} has {len(extra)} tensors that {parent} lacks (e.g. {extra[0]!r}); "
+                                  "--force ignores them")
+        for name, spec in want.items():
+            info = ft.tensors[name]
+            if info.shape != spec.shape:
+                raise ValidationError(f"tensor {name!r}: shape {list(info.shape)} in {ft.source}, "
+                                      f"{list(spec.shape)} in {parent}")
+            if info.dtype != spec.dtype:
+                raise ValidationError(f"tensor {name!r}: dtype {info.dtype} in {ft.source}, {spec.dtype} in {parent}")
+
+    def _config_of(self, version: Version) -> str | None:
+        return self.store.get_json(version.manifest).get("config")
+
+    # ----------------------------------------------------------------- checkout
+
+    def checkout(self, ref: str, out: str | os.PathLike | None = None, *,
+                 max_shard_size: int | None = None, progress: Progress = None) -> dict:
+        with self.db.read() as s:
+            version = resolve(s, ref, self.head)
+            is_branch = (r := s.get(Ref, ref)) is not None and r.kind == "branch"
+            lineage = self._lineage(s, version)
+        result = {"version": version.label, "digest": version.digest, "ref": ref}
+        if out is not None:
+            result.update(self._materialize(version, Path(out), lineage, max_shard_size, progress))
+        new_head = Head(branch=ref) if is_branch else Head(version=version.id)
+        write_head(self.root, new_head, f"checkout {ref}")
+        result["head"] = new_head.describe()
+        return result
+
+    def _materialize(self, version: Version, out: Path, lineage: list[dict],
+                     max_shard_size: int | None, progress: Progress) -> dict:
+        manifest = self.store.get_json(version.manifest)
+        if max_shard_size is None:
+            max_shard_size = (manifest.get("layout") or {}).get("max_shard_size")
+        lineage_json = json.dumps(lineage, sort_keys=True, separators=(",", ":"))
+        meta = {"skillbank.bank": self.id, "skillbank.version": version.label,
+                "skillbank.digest": version.digest, "skillbank.lineage": lineage_json,
+                "skillbank.lineage_digest": xxhash.xxh3_128_hexdigest(lineage_json.encode())}
+        if out.exists() and not out.is_dir():
+            raise SkillbankError(f"--out {out} exists and is not a directory")
+        chain = open_chain(self.store, version.manifest)
+        try:
+            writer = CheckpointWriter(out, chain.specs, meta, max_shard_size)
+            try:
+                digest = materialize(chain, writer, progress)
+                if digest != version.digest:
+                    raise IntegrityError(f"rebuilt {version.label} has digest {digest}, recorded {version.digest}; "
+                                         "run `skillbank fsck`")
+                files = writer.commit()
+            except BaseException:
+                writer.abort()
+                raise
+        finally:
+            chain.close()
+        keep = {f.name for f in files} | ({"model.safetensors.index.json"} if len(files) > 1 else set())
+        for stale in out.glob("model*.safetensors*"):
+            if stale.name not in keep and (stale.name in OUTPUT_NAMES or stale.name.startswith("model-")):
+                stale.unlink()
+        if manifest.get("config"):
+            write_text_atomic(out / "config.json", self.store.get_bytes(manifest["config"]).decode())
+        skills = [{"version": e["version"], "name": e["skill"], "alpha": e["alpha"],
+                   "demos_digest": e.get("demos_digest")} for e in lineage[1:]]
+        write_text_atomic(out / "README.md", model_card(version.label, version.digest, self.id, lineage[0], skills))
+        return {"out": str(out), "files": [str(f) for f in files], "verified": True}
+
+    def _lineage(self, s, version: Version) -> list[dict]:
+        chain = list(reversed(ancestors(s, version)))
+        out = []
+        for v in chain:
+            entry = {"version": v.label, "digest": v.digest}
+            if v.skill is None:
+                entry["source"] = v.source
+            else:
+                entry.update(skill=v.skill.name, alpha=format_alphas(v.alphas),
+                             demos_digest=v.skill.demos_digest, finetuned_digest=v.skill.finetuned_digest)
+            out.append(entry)
+        return out
+
+    # ----------------------------------------------------------------- reading
+
+    def _row(self, s, v: Version, refs: dict[int, list[str]]) -> dict:
+        return {"version": v.label, "parent": f"v{v.parent_id}" if v.parent_id is not None else None,
+                "skill": v.skill.name if v.skill else None,
+                "alpha": format_alphas(v.alphas) if v.alphas else None, "alphas": v.alphas,
+                "digest": v.digest, "created_at": _iso(v.created_at), "author": v.author,
+                "message": v.message, "refs": refs.get(v.id, [])}
+
+    def _refs_by_version(self, s) -> dict[int, list[str]]:
+        out: dict[int, list[str]] = {}
+        for r in s.scalars(select(Ref).order_by(Ref.name)):
+            out.setdefault(r.version_id, []).append(r.name)
+        return out
+
+    def log(self, ref: str | None = None) -> list[dict]:
+        with self.db.read() as s:
+            v = resolve(s, ref or "HEAD", self.head)
+            refs = self._refs_by_version(s)
+            return [self._row(s, a, refs) for a in ancestors(s, v)]
+
+    def show(self, ref: str) -> dict:
+        with self.db.read() as s:
+            v = resolve(s, ref, self.head)
+            row = self._row(s, v, self._refs_by_version(s))
+            row.update(method=v.method, group_preset=v.group_preset, source=v.source,
+                       params=v.n_params, bytes=v.n_bytes, manifest=v.manifest)
+            if v.skill:
+                sk, tv = v.skill, v.skill.task_vector
+                row["skill_detail"] = {
+                    "name": sk.name, "finetuned_from": f"v{sk.parent_version_id}",
+                    "finetuned_source": sk.finetuned_source, "finetuned_digest": sk.finetuned_digest,
+                    "demos": {"uri": sk.demos_uri, "digest": sk.demos_digest,
+                              "dvc_hash": sk.demos_dvc_hash, "git_rev": sk.demos_git_rev},
+                    "trainer": sk.trainer, "trainer_settings": sk.trainer_settings}
+                row["task_vector"] = {"codec": tv.codec, "params": tv.codec_params, "object": tv.object,
+                                      "raw_bytes": tv.raw_bytes, "stored_bytes": tv.stored_bytes,
+                                      "ratio": tv.raw_bytes / tv.stored_bytes if tv.stored_bytes else None,
+                                      "rel_error": tv.rel_error, "rel_norm": tv.rel_norm}
+            row["evals"] = [{"suite": e.suite, "split": e.split, "metric": e.metric, "value": e.value,
+                             "episodes": e.episodes, "seed": e.seed}
+                            for e in s.scalars(select(Eval).where(Eval.version_id == v.id).order_by(Eval.id))]
+            return row
+
+    def branches(self) -> list[dict]:
+        head = self.head
+        with self.db.read() as s:
+            rows = s.scalars(select(Ref).where(Ref.kind == "branch").order_by(Ref.name)).all()
+            return [{"name": r.name, "version": f"v{r.version_id}", "current": r.name == head.branch}
+                    for r in rows]
+
+    def tags(self) -> list[dict]:
+        with self.db.read() as s:
+            rows = s.scalars(select(Ref).where(Ref.kind == "tag").order_by(Ref.name)).all()
+            return [{"name": r.name, "version": f"v{r.version_id}"} for r in rows]
+
+    def reflog(self, ref: str | None = None, limit: int = 50) -> list[dict]:
+        with self.db.read() as s:
+            q = select(RefLog).order_by(RefLog.id.desc()).limit(limit)
+            if ref:
+                q = q.where(RefLog.ref == ref)
+            return [{"ref": r.ref, "old": f"v{r.old_version_id}" if r.old_version_id is not None else None,
+                     "new": f"v{r.new_version_id}", "action": r.action, "message": r.message,
+                     "author": r.author, "created_at": _iso(r.created_at)} for r in s.scalars(q)]
+
+    # ----------------------------------------------------------------- moving refs
+
+    def create_branch(self, name: str, ref: str | None = None) -> dict:
+        with self.db.write() as s:
+            v = resolve(s, ref or "HEAD", self.head)
+            create_ref(s, name, "branch", v.id, "branch", self.author, f"branch from {ref or 'HEAD'}")
+        return {"name": name, "version": v.label, "current": False}
+
+    def create_tag(self, name: str, ref: str) -> dict:
+        with self.db.write() as s:
+            v = resolve(s, ref, self.head)
+            create_ref(s, name, "tag", v.id, "tag", self.author, f"tag {ref}")
+        return {"name": name, "version": v.label}
+
+    def rollback(self, ref: str, branch: str | None = None, force: bool = False) -> dict:
+        head = self.head
+        branch = branch or head.branch
+        if branch is None:
+            raise RefError(f"HEAD is detached at v{head.version}; pass --branch NAME")
+        with self.db.write() as s:
+            r = s.get(Ref, branch)
+            if r is None or r.kind != "branch":
+                raise RefError(f"no branch named {branch!r}")
+            target = resolve(s, ref, head)
+            tip = resolve(s, branch, head)
+            if not force and target.id not in {a.id for a in ancestors(s, tip)}:
+                raise RefError(f"{target.label} is not an ancestor of {branch!r} ({tip.label}); "
+                               "--force moves the branch anyway")
+            move_branch(s, branch, tip.id, target.id, "rollback", self.author, f"rollback to {ref}")
+        return {"branch": branch, "from": tip.label, "to": target.label}
+
+    # ----------------------------------------------------------------- upkeep
+
+    def referenced_objects(self) -> set[str]:
+        refs: set[str] = set()
+        with self.db.read() as s:
+            manifests = s.scalars(select(Version.manifest)).all()
+            refs.update(s.scalars(select(TaskVector.object)).all())
+        for digest in manifests:
+            refs.add(digest)
+            try:
+                m = self.store.get_json(digest)
+            except IntegrityError:
+                continue
+            for key in ("base", "config"):
+                if m.get(key):
+                    refs.add(m[key])
+            if m.get("step"):
+                refs.add(m["step"]["task_vector"])
+        return refs
+
+    def fsck(self, rebuild: bool = True, progress: Progress = None) -> dict:
+        """Every object against its digest, every version's manifest and (by default) its rebuild."""
+        bad_objects = [d for d in self.store if not self.store.verify(d)]
+        problems: list[dict] = [{"object": d, "problem": "bytes do not match digest"} for d in bad_objects]
+        with self.db.read() as s:
+            versions = s.scalars(select(Version).order_by(Version.id)).all()
+        missing = sorted(d for d in self.referenced_objects() if not self.store.has(d))
+        problems += [{"object": d, "problem": "missing"} for d in missing]
+        checked = 0
+        for v in versions:
+            try:
+                manifests_of(self.store, v.manifest)
+                if rebuild:
+                    chain = open_chain(self.store, v.manifest)
+                    try:
+                        digest = materialize(chain, None, progress)
+                    finally:
+                        chain.close()
+                    if digest != v.digest:
+                        problems.append({"version": v.label, "problem": f"rebuilds to {digest}, recorded {v.digest}"})
+                checked += 1
+            except SkillbankError as e:
+                problems.append({"version": v.label, "problem": str(e)})
+        return {"ok": not problems, "objects": sum(1 for _ in self.store), "versions": len(versions),
+                "rebuilt": checked if rebuild else 0, "problems": problems}
+
+    def gc(self, grace_seconds: float = 3600.0, dry_run: bool = False) -> dict:
+        """Remove objects no version references, once older than the grace period.
+
+        The grace period protects a concurrent add-skill, whose objects are written before its
+        rows are committed.
+        """
+        keep = self.referenced_objects()
+        removed, freed = [], 0
+        for d in list(self.store):
+            if d in keep or self.store.age(d) < grace_seconds:
+                continue
+            removed.append(d)
+            if not dry_run:
+                freed += self.store.remove(d)
+        stale = self.store.stale_temp_files(max(grace_seconds, 60.0))
+        if not dry_run:
+            for p in stale:
+                p.unlink(missing_ok=True)
+        return {"removed": len(removed), "bytes_freed": freed, "temp_files": len(stale), "dry_run": dry_run,
+                "objects": removed}
+
+
+def upgrade_database(root: str | os.PathLike, db_url: str | None = None) -> dict:
+    """`skillbank db upgrade` must work on exactly the databases that Bank.open refuses."""
+    root = Path(root)
+    marker = root / BANK_FILE
+    if not marker.is_file():
+        raise SkillbankError(f"no bank at {root}")
+    info = json.loads(marker.read_text())
+    db = Database(db_url or info.get("db_url") or Bank.default_db_url(root))
+    try:
+        before, after = migrate.upgrade(db.engine)
+    finally:
+        db.dispose()
+    return {"from": before, "to": after}

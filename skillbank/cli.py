@@ -1,0 +1,339 @@
+"""The `skillbank` command: parse, call one Bank method, render (a rich table, or --json).
+
+Exit codes: 0 success, 1 a user error (one line on stderr), 2 a usage error (click's own).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import exc as sa_exc
+
+from skillbank import __version__
+from skillbank.api import Bank, upgrade_database
+from skillbank.errors import SkillbankError
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class Ctx:
+    def __init__(self, bank_dir: str, db_url: str | None):
+        self.bank_dir = Path(bank_dir)
+        self.db_url = db_url
+        self._bank: Bank | None = None
+
+    def bank(self) -> Bank:
+        if self._bank is None:
+            self._bank = Bank.open(self.bank_dir, self.db_url)
+        return self._bank
+
+
+def emit(data, as_json: bool, render) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        render(data)
+
+
+@contextmanager
+def progress_bar(label: str, total: int | None, quiet: bool):
+    """A byte-counting rich bar on stderr, only for people: silent under --json or when piped."""
+    if quiet or not sys.stderr.isatty() or not total:
+        yield None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    with Progress("[bold]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=err, transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def parse_size(text: str | None) -> int | None:
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*", text.lower())
+    if not m:
+        raise click.BadParameter(f"{text!r} is not a size like 5GB or 500MB")
+    unit = (m[2] or "b").rstrip("b").rstrip("i")
+    return int(float(m[1]) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}[unit])
+
+
+def table(title: str | None, columns: list[str], rows: list[list]) -> None:
+    t = Table(title=title, show_edge=False, header_style="bold")
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*["" if v is None else str(v) for v in r])
+    out.print(t)
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--bank", "bank_dir", envvar="SKILLBANK_BANK", default=".skillbank", show_default=True,
+              help="Bank directory (env SKILLBANK_BANK).")
+@click.option("--db", "db_url", envvar="SKILLBANK_DB_URL", default=None,
+              help="Database URL (env SKILLBANK_DB_URL); default: SQLite inside the bank.")
+@click.version_option(__version__, prog_name="skillbank")
+@click.pass_context
+def cli(ctx: click.Context, bank_dir: str, db_url: str | None) -> None:
+    """Version control for robot policies that learn skill by skill (RETAIN merges)."""
+    ctx.obj = Ctx(bank_dir, db_url)
+
+
+@cli.command()
+@click.option("--base", required=True, help="Base weights: .safetensors, sharded dir, LeRobot dir or hf://repo[@rev].")
+@click.option("-m", "--message", default=None)
+@json_option
+@click.pass_obj
+def init(c: Ctx, base: str, message: str | None, as_json: bool) -> None:
+    """Create a bank and import the base policy as v0 on branch main."""
+    with progress_bar("importing base", _source_size(base), as_json) as prog:
+        bank, info = Bank.init(c.bank_dir, base, c.db_url, message, prog)
+    bank.close()
+    emit(info, as_json, lambda d: out.print(
+        f"initialised bank {d['bank']} at {c.bank_dir}: v0 on main "
+        f"({d['tensors']} tensors, {d['params']:,} parameters, digest {d['digest'][:12]})"))
+
+
+def _source_size(path: str) -> int | None:
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.glob("*.safetensors"))
+    return None
+
+
+@cli.command("add-skill")
+@click.argument("name")
+@click.option("--finetuned", help="Weights finetuned from the parent (.safetensors, sharded dir, LeRobot dir, hf://).")
+@click.option("--demos", help="Demonstrations to finetune on with the built-in trainer.")
+@click.option("--alpha", default="0.8", show_default=True,
+              help="Weight of the finetuned model: 0.8, or vision=1,language=0.7,action=1.")
+@click.option("--from", "from_ref", default=None, help="Parent version (default HEAD).")
+@click.option("--branch", default=None, help="Branch to hold the new version (created if new).")
+@click.option("--codec", default="xor-zstd", show_default=True, help="Task-vector codec.")
+@click.option("--groups", "groups_file", default=None, type=click.Path(dir_okay=False),
+              help="Rules file (GROUP: REGEX per line) for per-group alphas.")
+@click.option("--preset", default=None, help="Parameter-group preset (default: detected from key names).")
+@click.option("--force", is_flag=True, help="Accept a checkpoint that looks unrelated to the parent.")
+@click.option("-m", "--message", default=None)
+@json_option
+@click.pass_obj
+def add_skill(c: Ctx, name, finetuned, demos, alpha, from_ref, branch, codec, groups_file, preset, force,
+              message, as_json) -> None:
+    """Register a skill, merge it into its parent, and advance the branch."""
+    if bool(finetuned) == bool(demos):
+        raise click.UsageError("give exactly one of --finetuned PATH or --demos PATH")
+    if demos:
+        raise SkillbankError("--demos needs the built-in trainer, which this build does not include yet; "
+                             "finetune elsewhere and pass --finetuned PATH")
+    bank = c.bank()
+    with progress_bar(f"adding {name}", _source_size(finetuned), as_json) as prog:
+        r = bank.add_skill(name, finetuned, alpha, from_ref=from_ref, branch=branch, codec=codec,
+                           groups=groups_file, preset=preset, force=force, message=message, progress=prog)
+    emit(r, as_json, lambda d: out.print(
+        f"{d['version']} on {d['branch']}: {d['skill']} (alpha {d['alpha']}) from {d['parent']}; "
+        f"task vector {d['raw_bytes'] / max(d['stored_bytes'], 1):.2f}x smaller with {d['codec']}"))
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Write the weights, config and model card here.")
+@click.option("--max-shard-size", default=None, help="Shard the output, e.g. 5GB (default: as the base).")
+@json_option
+@click.pass_obj
+def checkout(c: Ctx, ref: str, out_dir: str | None, max_shard_size: str | None, as_json: bool) -> None:
+    """Make REF the HEAD; with --out, rebuild it and verify its digest."""
+    bank = c.bank()
+    size = bank.resolve(ref).n_bytes if out_dir else None
+    with progress_bar(f"rebuilding {ref}", size, as_json) as prog:
+        r = bank.checkout(ref, out_dir, max_shard_size=parse_size(max_shard_size), progress=prog)
+    def render(d):
+        if out_dir:
+            out.print(f"wrote {d['version']} to {d['out']} ({len(d['files'])} file(s), digest {d['digest'][:12]} verified)")
+        out.print(f"HEAD is now {d['head']}")
+    emit(r, as_json, render)
+
+
+@cli.command()
+@click.argument("ref", required=False)
+@json_option
+@click.pass_obj
+def log(c: Ctx, ref: str | None, as_json: bool) -> None:
+    """History from REF (default HEAD) back to the base, newest first."""
+    rows = c.bank().log(ref)
+    emit(rows, as_json, lambda d: table(None, ["version", "parent", "skill", "alpha", "digest", "refs", "created"],
+                                        [[r["version"], r["parent"], r["skill"] or "(base)", r["alpha"],
+                                          r["digest"][:12], ", ".join(r["refs"]), r["created_at"]] for r in d]))
+
+
+@cli.command()
+@click.argument("ref")
+@json_option
+@click.pass_obj
+def show(c: Ctx, ref: str, as_json: bool) -> None:
+    """One version in full: recipe, skill, task vector, evals."""
+    d = c.bank().show(ref)
+
+    def render(d):
+        out.print(f"[bold]{d['version']}[/bold]  parent {d['parent']}  digest {d['digest']}")
+        out.print(f"  refs: {', '.join(d['refs']) or '-'}   author: {d['author']}   at {d['created_at']}")
+        out.print(f"  {d['params']:,} parameters, {d['bytes']:,} bytes; method {d['method']}")
+        if d.get("source"):
+            out.print(f"  source: {d['source']}")
+        if d.get("skill_detail"):
+            sk, tv = d["skill_detail"], d["task_vector"]
+            out.print(f"  skill {sk['name']} with alpha {d['alpha']} (groups: {d['group_preset']})")
+            out.print(f"  finetuned: {sk['finetuned_source']} ({sk['finetuned_digest'][:12]}), trainer {sk['trainer']}")
+            if sk["demos"]["uri"]:
+                out.print(f"  demos: {sk['demos']['uri']} ({sk['demos']['digest']})")
+            out.print(f"  task vector: {tv['codec']}, {tv['stored_bytes']:,} of {tv['raw_bytes']:,} bytes "
+                      f"({tv['ratio']:.2f}x), rel. norm {tv['rel_norm']:.4f}, rel. error {tv['rel_error']:.2g}")
+        for e in d["evals"]:
+            out.print(f"  eval {e['suite']} {e['split']} {e['metric']} = {e['value']:.3f} ({e['episodes']} episodes)")
+        if d.get("message"):
+            out.print(f"  {d['message']}")
+    emit(d, as_json, render)
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.argument("ref", required=False)
+@json_option
+@click.pass_obj
+def branch(c: Ctx, name: str | None, ref: str | None, as_json: bool) -> None:
+    """List branches, or create NAME at REF (default HEAD)."""
+    bank = c.bank()
+    if name is None:
+        emit(bank.branches(), as_json, lambda d: table(None, ["", "branch", "version"],
+                                                       [["*" if r["current"] else "", r["name"], r["version"]] for r in d]))
+        return
+    r = bank.create_branch(name, ref)
+    emit(r, as_json, lambda d: out.print(f"created branch {d['name']} at {d['version']}"))
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.argument("ref", required=False)
+@json_option
+@click.pass_obj
+def tag(c: Ctx, name: str | None, ref: str | None, as_json: bool) -> None:
+    """List tags, or tag REF as NAME."""
+    bank = c.bank()
+    if name is None:
+        emit(bank.tags(), as_json, lambda d: table(None, ["tag", "version"], [[r["name"], r["version"]] for r in d]))
+        return
+    if ref is None:
+        raise click.UsageError("tag NAME REF: give the version to tag")
+    r = bank.create_tag(name, ref)
+    emit(r, as_json, lambda d: out.print(f"tagged {d['version']} as {d['name']}"))
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--branch", "branch_name", default=None, help="Branch to move (default: HEAD's branch).")
+@click.option("--force", is_flag=True, help="Move even when REF is not an ancestor of the branch.")
+@json_option
+@click.pass_obj
+def rollback(c: Ctx, ref: str, branch_name: str | None, force: bool, as_json: bool) -> None:
+    """Move a branch back to REF; history is kept and the move is logged."""
+    r = c.bank().rollback(ref, branch_name, force)
+    emit(r, as_json, lambda d: out.print(f"{d['branch']}: {d['from']} -> {d['to']}"))
+
+
+@cli.command()
+@click.argument("ref", required=False)
+@click.option("-n", "limit", default=50, show_default=True)
+@json_option
+@click.pass_obj
+def reflog(c: Ctx, ref: str | None, limit: int, as_json: bool) -> None:
+    """Every move of the branches and tags, newest first."""
+    rows = c.bank().reflog(ref, limit)
+    emit(rows, as_json, lambda d: table(None, ["ref", "old", "new", "action", "message", "author", "at"],
+                                        [[r["ref"], r["old"], r["new"], r["action"], r["message"], r["author"],
+                                          r["created_at"]] for r in d]))
+
+
+@cli.command()
+@click.option("--objects-only", is_flag=True, help="Check objects and manifests, skip rebuilding versions.")
+@json_option
+@click.pass_obj
+def fsck(c: Ctx, objects_only: bool, as_json: bool) -> None:
+    """Check every object against its digest and rebuild every version to its digest."""
+    r = c.bank().fsck(rebuild=not objects_only)
+
+    def render(d):
+        out.print(f"{d['objects']} objects, {d['versions']} versions ({d['rebuilt']} rebuilt and verified)")
+        for p in d["problems"]:
+            out.print(f"[red]problem[/red] {p.get('version') or p.get('object')}: {p['problem']}")
+        out.print("ok" if d["ok"] else f"{len(d['problems'])} problem(s)")
+    emit(r, as_json, render)
+    if not r["ok"]:
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--grace", default=3600.0, show_default=True, help="Keep unreferenced objects younger than this (s).")
+@click.option("--dry-run", is_flag=True)
+@json_option
+@click.pass_obj
+def gc(c: Ctx, grace: float, dry_run: bool, as_json: bool) -> None:
+    """Remove objects that no version references."""
+    r = c.bank().gc(grace, dry_run)
+    emit(r, as_json, lambda d: out.print(
+        f"{'would remove' if d['dry_run'] else 'removed'} {d['removed']} object(s), "
+        f"{d['bytes_freed']:,} bytes, {d['temp_files']} temp file(s)"))
+
+
+@cli.group()
+def db() -> None:
+    """Database schema management."""
+
+
+@db.command("upgrade")
+@json_option
+@click.pass_obj
+def db_upgrade(c: Ctx, as_json: bool) -> None:
+    """Migrate the bank's database to this skillbank's schema."""
+    r = upgrade_database(c.bank_dir, c.db_url)
+    emit(r, as_json, lambda d: out.print(f"database schema: {d['from']} -> {d['to']}"))
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        err.print("aborted")
+        sys.exit(1)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except SkillbankError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except sa_exc.OperationalError as e:
+        click.echo(f"error: database: {str(e.orig).strip().splitlines()[0]}", err=True)
+        sys.exit(1)
+    except OSError as e:
+        click.echo(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Content-addressed object store: objects/ab/<rest of xxh3-128 hex>, written atomically.
+
+An object is written to tmp/, fsynced, then renamed to its digest's path, so a reader sees a whole
+object or none. Every read checks the digest: small objects as they are read, large ones once per
+process before their first use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import xxhash
+
+from skillbank.errors import IntegrityError
+from skillbank.tensors.writer import fsync_dir
+
+DIGEST_RE = re.compile(r"^[0-9a-f]{32}$")
+READ_BLOCK = 8 * 2**20
+
+
+def hash_file(path: Path) -> str:
+    h = xxhash.xxh3_128()
+    buf = bytearray(READ_BLOCK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(view):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+class ObjectWriter:
+    """Stream bytes into a new object; `commit()` returns its digest."""
+
+    def __init__(self, store: "ObjectStore"):
+        self.store = store
+        fd, name = tempfile.mkstemp(dir=store.tmp, prefix="obj-")
+        self.tmp_path = Path(name)
+        self.file = os.fdopen(fd, "wb")
+        self._h = xxhash.xxh3_128()
+        self.size = 0
+
+    def write(self, data) -> None:
+        self._h.update(data)
+        self.file.write(data)
+        self.size += len(memoryview(data).cast("B"))
+
+    def tell(self) -> int:
+        return self.size
+
+    def commit(self) -> str:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        digest = self._h.hexdigest()
+        dst = self.store.path(digest)
+        if dst.exists():
+            self.tmp_path.unlink()
+            os.utime(dst)  # fresh again: gc's grace period protects it until it is referenced
+        else:
+            dst.parent.mkdir(exist_ok=True)
+            os.chmod(self.tmp_path, 0o444)
+            os.replace(self.tmp_path, dst)
+            fsync_dir(dst.parent)
+        return digest
+
+    def abort(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+        self.tmp_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "ObjectWriter":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+class ObjectStore:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.objects = self.root / "objects"
+        self.tmp = self.root / "tmp"
+        self._verified: set[tuple[str, int, int]] = set()
+
+    def create(self) -> "ObjectStore":
+        self.objects.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def path(self, digest: str) -> Path:
+        if not DIGEST_RE.match(digest):
+            raise IntegrityError(f"malformed object digest {digest!r}")
+        return self.objects / digest[:2] / digest[2:]
+
+    def has(self, digest: str) -> bool:
+        return self.path(digest).is_file()
+
+    def writer(self) -> ObjectWriter:
+        return ObjectWriter(self)
+
+    def put_bytes(self, data: bytes) -> str:
+        with self.writer() as w:
+            w.write(data)
+            return w.commit()
+
+    def put_json(self, obj) -> str:
+        return self.put_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode())
+
+    def _missing(self, digest: str) -> IntegrityError:
+        return IntegrityError(f"object {digest} is missing from {self.objects}")
+
+    def get_bytes(self, digest: str) -> bytes:
+        try:
+            data = self.path(digest).read_bytes()
+        except FileNotFoundError:
+            raise self._missing(digest) from None
+        if xxhash.xxh3_128_hexdigest(data) != digest:
+            raise IntegrityError(f"object {digest} is corrupt (its bytes no longer match its digest)")
+        return data
+
+    def get_json(self, digest: str):
+        return json.loads(self.get_bytes(digest))
+
+    def open_verified(self, digest: str) -> Path:
+        """Path of a large object whose bytes were checked against its digest in this process."""
+        p = self.path(digest)
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            raise self._missing(digest) from None
+        key = (digest, st.st_size, st.st_mtime_ns)
+        if key not in self._verified:
+            if hash_file(p) != digest:
+                raise IntegrityError(f"object {digest} is corrupt (its bytes no longer match its digest)")
+            self._verified.add(key)
+        return p
+
+    def verify(self, digest: str) -> bool:
+        p = self.path(digest)
+        return p.is_file() and hash_file(p) == digest
+
+    def size(self, digest: str) -> int:
+        return self.path(digest).stat().st_size
+
+    def __iter__(self) -> Iterator[str]:
+        if not self.objects.is_dir():
+            return
+        for fan in sorted(self.objects.iterdir()):
+            if fan.is_dir() and len(fan.name) == 2:
+                for obj in sorted(fan.iterdir()):
+                    digest = fan.name + obj.name
+                    if DIGEST_RE.match(digest):
+                        yield digest
+
+    def remove(self, digest: str) -> int:
+        p = self.path(digest)
+        size = p.stat().st_size
+        p.unlink()
+        return size
+
+    def age(self, digest: str) -> float:
+        return time.time() - self.path(digest).stat().st_mtime
+
+    def stale_temp_files(self, older_than: float) -> list[Path]:
+        if not self.tmp.is_dir():
+            return []
+        now = time.time()
+        return [p for p in self.tmp.iterdir() if now - p.stat().st_mtime >= older_than]

@@ -1,0 +1,258 @@
+"""Read safetensors checkpoints a range at a time, trusting nothing in the header.
+
+The header is validated before any tensor is touched (offsets inside the file, sizes that match
+dtype and shape, no overlaps), so a hostile or truncated file fails with one clear line instead of
+reading garbage. Data is read with positioned reads into chunk-sized buffers: memory stays bounded
+by the chunk, never by the tensor or the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from skillbank.errors import CheckpointError
+from skillbank.tensors.dtypes import ITEMSIZE, SAFETENSORS_TO_TORCH
+
+MAX_HEADER_BYTES = 100 * 2**20
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".npy", ".npz", ".h5")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors name, e.g. "BF16"
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in its file
+    end: int
+    path: str
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        return ITEMSIZE[self.dtype]
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def refuse_pickle(path: Path) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise CheckpointError(
+            f"refusing {path}: skillbank reads safetensors only and never unpickles a checkpoint"
+        )
+
+
+class SafetensorsFile:
+    """One .safetensors file: its validated header and positioned reads of its tensors."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        refuse_pickle(self.path)
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.path}: no such file") from None
+        except IsADirectoryError:
+            raise CheckpointError(f"{self.path}: is a directory, expected a .safetensors file") from None
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot open ({e.strerror})") from None
+        try:
+            self.metadata, self.tensors = self._parse()
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def _fail(self, why: str) -> CheckpointError:
+        return CheckpointError(f"{self.path}: not a valid safetensors file ({why})")
+
+    def _parse(self) -> tuple[dict[str, str], dict[str, TensorInfo]]:
+        size = os.fstat(self._fd).st_size
+        head = os.pread(self._fd, 8, 0)
+        if len(head) < 8:
+            raise self._fail("shorter than its 8-byte header length")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES:
+            raise self._fail(f"header of {n} bytes is larger than the {MAX_HEADER_BYTES} allowed")
+        if 8 + n > size:
+            raise self._fail(f"header length {n} runs past the end of the {size}-byte file (truncated?)")
+        raw = os.pread(self._fd, n, 8)
+        try:
+            header = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise self._fail(f"header is not JSON: {e}") from None
+        if not isinstance(header, dict):
+            raise self._fail("header is not a JSON object")
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise self._fail("__metadata__ must map strings to strings")
+        data_start = 8 + n
+        data_len = size - data_start
+        infos: dict[str, TensorInfo] = {}
+        spans = []
+        for name, entry in header.items():
+            infos[name] = info = self._entry(name, entry, data_start, data_len)
+            if info.nbytes:
+                spans.append((info.start, info.end, name))
+        spans.sort()
+        for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
+            if start_b < end_a:
+                raise self._fail(f"tensors {a!r} and {b!r} overlap")
+        return meta, infos
+
+    def _entry(self, name: str, entry, data_start: int, data_len: int) -> TensorInfo:
+        if not isinstance(entry, dict):
+            raise self._fail(f"entry {name!r} is not an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in SAFETENSORS_TO_TORCH:
+            raise self._fail(f"tensor {name!r} has unsupported dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise self._fail(f"tensor {name!r} has a bad shape {shape!r}")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(type(o) is int for o in offsets)):
+            raise self._fail(f"tensor {name!r} has bad data_offsets {offsets!r}")
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_len:
+            raise self._fail(f"tensor {name!r} offsets {offsets} fall outside the {data_len} data bytes")
+        expected = math.prod(shape) * ITEMSIZE[dtype]
+        if end - begin != expected:
+            raise self._fail(
+                f"tensor {name!r} holds {end - begin} bytes but {dtype}{shape} needs {expected}"
+            )
+        return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end, str(self.path))
+
+    def read(self, info: TensorInfo, first: int = 0, count: int | None = None) -> torch.Tensor:
+        """Elements [first, first+count) of a tensor, flattened, in a fresh buffer."""
+        if count is None:
+            count = info.numel - first
+        nbytes = count * info.itemsize
+        buf = bytearray(nbytes)
+        view = memoryview(buf)
+        pos, got = info.start + first * info.itemsize, 0
+        while got < nbytes:
+            n = os.preadv(self._fd, [view[got:]], pos + got)
+            if n == 0:
+                raise CheckpointError(f"{self.path}: file ended early while reading {info.name!r}")
+            got += n
+        if nbytes == 0:
+            return torch.empty(0, dtype=SAFETENSORS_TO_TORCH[info.dtype])
+        return torch.frombuffer(buf, dtype=SAFETENSORS_TO_TORCH[info.dtype])
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self):  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class Checkpoint:
+    """A set of tensors spread over one or more safetensors files, addressed by name."""
+
+    def __init__(self, files: list[SafetensorsFile], source: str, config: Path | None = None):
+        self.files = files
+        self.source = source
+        self.config = config
+        self._file_of: dict[str, SafetensorsFile] = {}
+        self.tensors: dict[str, TensorInfo] = {}
+        for f in files:
+            for name, info in f.tensors.items():
+                if name in self.tensors:
+                    raise CheckpointError(f"{source}: tensor {name!r} appears in more than one shard")
+                self.tensors[name] = info
+                self._file_of[name] = f
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.tensors)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        merged: dict[str, str] = {}
+        for f in self.files:
+            merged.update(f.metadata)
+        return merged
+
+    def read(self, name: str, first: int = 0, count: int | None = None) -> torch.Tensor:
+        return self._file_of[name].read(self.tensors[name], first, count)
+
+    def __iter__(self) -> Iterator[TensorInfo]:
+        return (self.tensors[n] for n in self.names)
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _sharded(directory: Path, index_path: Path) -> list[Path]:
+    try:
+        index = json.loads(index_path.read_text())
+        weight_map = index["weight_map"]
+        shard_names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index_path}: not a valid safetensors index ({e})") from None
+    paths = []
+    for shard in shard_names:
+        p = (directory / shard).resolve()
+        if directory.resolve() not in p.parents:
+            raise CheckpointError(f"{index_path}: shard {shard!r} points outside {directory}")
+        paths.append(p)
+    return paths
+
+
+def open_checkpoint(path: str | os.PathLike, source: str | None = None) -> Checkpoint:
+    """A .safetensors file, an HF sharded directory, or a LeRobot `pretrained_model/` directory."""
+    p = Path(path)
+    source = source or str(p)
+    refuse_pickle(p)
+    if p.is_dir():
+        index = p / "model.safetensors.index.json"
+        config = p / "config.json"
+        config = config if config.is_file() else None
+        if index.is_file():
+            paths = _sharded(p, index)
+        elif (p / "model.safetensors").is_file():
+            paths = [p / "model.safetensors"]
+        else:
+            found = sorted(x.name for x in p.iterdir() if x.suffix.lower() in PICKLE_SUFFIXES)
+            if found:
+                raise CheckpointError(
+                    f"refusing {p}: it holds only pickle weights ({', '.join(found[:3])}); "
+                    "convert them to safetensors first"
+                )
+            raise CheckpointError(
+                f"{p}: no model.safetensors or model.safetensors.index.json in this directory"
+            )
+        files = []
+        try:
+            for sp in paths:
+                files.append(SafetensorsFile(sp))
+        except BaseException:
+            for f in files:
+                f.close()
+            raise
+        return Checkpoint(files, source, config)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file or directory")
+    return Checkpoint([SafetensorsFile(p)], source)
