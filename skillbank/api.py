@@ -30,7 +30,7 @@ from skillbank.db import migrate
 from skillbank.errors import CheckpointError, IntegrityError, RefError, SkillbankError, ValidationError
 from skillbank.lineage import Head, ancestors, create_ref, move_branch, read_head, resolve, write_head
 from skillbank.lineage.refs import check_name
-from skillbank.merge import MANIFEST_FORMAT, add_pass, manifests_of, materialize, open_chain
+from skillbank.merge import MANIFEST_FORMAT, Options, add_pass, blocks, manifests_of, materialize, open_chain
 from skillbank.merge.recipe import assign_groups, format_alphas, parse_alpha
 from skillbank.store import ObjectStore
 from skillbank.tensors import Checkpoint, CheckpointWriter, TensorSpec, header_bytes
@@ -161,8 +161,6 @@ class Bank:
     @staticmethod
     def _store_base(store: ObjectStore, ckpt: Checkpoint, progress: Progress) -> str:
         """Stream the base into its canonical single-file form; its object digest is the weights digest."""
-        from skillbank.merge.engine import blocks
-
         specs = canonical(_specs_of(ckpt))
         with store.writer() as w:
             w.write(header_bytes(specs))
@@ -195,7 +193,8 @@ class Bank:
                   branch: str | None = None, codec: str = DEFAULT_CODEC, groups: str | None = None,
                   preset: str | None = None, force: bool = False, message: str | None = None,
                   demos: dict | None = None, trainer: str | None = "external",
-                  trainer_settings: dict | None = None, progress: Progress = None) -> dict:
+                  trainer_settings: dict | None = None, progress: Progress = None,
+                  options: Options = Options()) -> dict:
         check_name(name, "skill")
         alphas = parse_alpha(alpha)
         codec_impl = get_codec(codec)
@@ -214,7 +213,7 @@ class Bank:
             assignment = assign_groups(names, alphas, rules)
             tv = TaskVectorWriter(self.store, codec_impl)
             try:
-                stats = add_pass(chain, ft, codec_impl, tv, "retain", alphas, assignment, progress)
+                stats = add_pass(chain, ft, codec_impl, tv, "retain", alphas, assignment, progress, options)
                 if not force:
                     if stats.delta_sq == 0.0:
                         raise ValidationError(
@@ -323,21 +322,22 @@ class Bank:
     # ----------------------------------------------------------------- checkout
 
     def checkout(self, ref: str, out: str | os.PathLike | None = None, *,
-                 max_shard_size: int | None = None, progress: Progress = None) -> dict:
+                 max_shard_size: int | None = None, progress: Progress = None,
+                 options: Options = Options()) -> dict:
         with self.db.read() as s:
             version = resolve(s, ref, self.head)
             is_branch = (r := s.get(Ref, ref)) is not None and r.kind == "branch"
             lineage = self._lineage(s, version)
         result = {"version": version.label, "digest": version.digest, "ref": ref}
         if out is not None:
-            result.update(self._materialize(version, Path(out), lineage, max_shard_size, progress))
+            result.update(self._materialize(version, Path(out), lineage, max_shard_size, progress, options))
         new_head = Head(branch=ref) if is_branch else Head(version=version.id)
         write_head(self.root, new_head, f"checkout {ref}")
         result["head"] = new_head.describe()
         return result
 
     def _materialize(self, version: Version, out: Path, lineage: list[dict],
-                     max_shard_size: int | None, progress: Progress) -> dict:
+                     max_shard_size: int | None, progress: Progress, options: Options) -> dict:
         manifest = self.store.get_json(version.manifest)
         if max_shard_size is None:
             max_shard_size = (manifest.get("layout") or {}).get("max_shard_size")
@@ -351,7 +351,7 @@ class Bank:
         try:
             writer = CheckpointWriter(out, chain.specs, meta, max_shard_size)
             try:
-                digest = materialize(chain, writer, progress)
+                digest = materialize(chain, writer, progress, options)
                 if digest != version.digest:
                     raise IntegrityError(f"rebuilt {version.label} has digest {digest}, recorded {version.digest}; "
                                          "run `skillbank fsck`")
@@ -501,7 +501,7 @@ class Bank:
                 refs.add(m["step"]["task_vector"])
         return refs
 
-    def fsck(self, rebuild: bool = True, progress: Progress = None) -> dict:
+    def fsck(self, rebuild: bool = True, progress: Progress = None, options: Options = Options()) -> dict:
         """Every object against its digest, every version's manifest and (by default) its rebuild."""
         bad_objects = [d for d in self.store if not self.store.verify(d)]
         problems: list[dict] = [{"object": d, "problem": "bytes do not match digest"} for d in bad_objects]
@@ -516,7 +516,7 @@ class Bank:
                 if rebuild:
                     chain = open_chain(self.store, v.manifest)
                     try:
-                        digest = materialize(chain, None, progress)
+                        digest = materialize(chain, None, progress, options)
                     finally:
                         chain.close()
                     if digest != v.digest:

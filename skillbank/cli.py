@@ -19,6 +19,8 @@ from sqlalchemy import exc as sa_exc
 from skillbank import __version__
 from skillbank.api import Bank, upgrade_database
 from skillbank.errors import SkillbankError
+from skillbank.merge import Options
+from skillbank.merge.plan import DEFAULT_CHUNK_MB
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -79,6 +81,15 @@ def table(title: str | None, columns: list[str], rows: list[list]) -> None:
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
 
+def engine_options(f):
+    """--chunk-mb and --device, shared by every command that streams weights."""
+    f = click.option("--device", default="cpu", show_default=True,
+                     help="Where merges are computed: cpu, cuda, cuda:N or auto (same bytes on each).")(f)
+    f = click.option("--chunk-mb", default=DEFAULT_CHUNK_MB, show_default=True, type=click.FloatRange(min=0.1),
+                     help="Work unit of the streaming engine; memory is a few chunks.")(f)
+    return f
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--bank", "bank_dir", envvar="SKILLBANK_BANK", default=".skillbank", show_default=True,
               help="Bank directory (env SKILLBANK_BANK).")
@@ -129,10 +140,11 @@ def _source_size(path: str) -> int | None:
 @click.option("--preset", default=None, help="Parameter-group preset (default: detected from key names).")
 @click.option("--force", is_flag=True, help="Accept a checkpoint that looks unrelated to the parent.")
 @click.option("-m", "--message", default=None)
+@engine_options
 @json_option
 @click.pass_obj
 def add_skill(c: Ctx, name, finetuned, demos, alpha, from_ref, branch, codec, groups_file, preset, force,
-              message, as_json) -> None:
+              message, chunk_mb, device, as_json) -> None:
     """Register a skill, merge it into its parent, and advance the branch."""
     if bool(finetuned) == bool(demos):
         raise click.UsageError("give exactly one of --finetuned PATH or --demos PATH")
@@ -142,7 +154,8 @@ def add_skill(c: Ctx, name, finetuned, demos, alpha, from_ref, branch, codec, gr
     bank = c.bank()
     with progress_bar(f"adding {name}", _source_size(finetuned), as_json) as prog:
         r = bank.add_skill(name, finetuned, alpha, from_ref=from_ref, branch=branch, codec=codec,
-                           groups=groups_file, preset=preset, force=force, message=message, progress=prog)
+                           groups=groups_file, preset=preset, force=force, message=message, progress=prog,
+                           options=Options(chunk_mb=chunk_mb, device=device))
     emit(r, as_json, lambda d: out.print(
         f"{d['version']} on {d['branch']}: {d['skill']} (alpha {d['alpha']}) from {d['parent']}; "
         f"task vector {d['raw_bytes'] / max(d['stored_bytes'], 1):.2f}x smaller with {d['codec']}"))
@@ -153,14 +166,17 @@ def add_skill(c: Ctx, name, finetuned, demos, alpha, from_ref, branch, codec, gr
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Write the weights, config and model card here.")
 @click.option("--max-shard-size", default=None, help="Shard the output, e.g. 5GB (default: as the base).")
+@engine_options
 @json_option
 @click.pass_obj
-def checkout(c: Ctx, ref: str, out_dir: str | None, max_shard_size: str | None, as_json: bool) -> None:
+def checkout(c: Ctx, ref: str, out_dir: str | None, max_shard_size: str | None, chunk_mb: float, device: str,
+             as_json: bool) -> None:
     """Make REF the HEAD; with --out, rebuild it and verify its digest."""
     bank = c.bank()
     size = bank.resolve(ref).n_bytes if out_dir else None
     with progress_bar(f"rebuilding {ref}", size, as_json) as prog:
-        r = bank.checkout(ref, out_dir, max_shard_size=parse_size(max_shard_size), progress=prog)
+        r = bank.checkout(ref, out_dir, max_shard_size=parse_size(max_shard_size), progress=prog,
+                          options=Options(chunk_mb=chunk_mb, device=device))
     def render(d):
         if out_dir:
             out.print(f"wrote {d['version']} to {d['out']} ({len(d['files'])} file(s), digest {d['digest'][:12]} verified)")
@@ -269,11 +285,12 @@ def reflog(c: Ctx, ref: str | None, limit: int, as_json: bool) -> None:
 
 @cli.command()
 @click.option("--objects-only", is_flag=True, help="Check objects and manifests, skip rebuilding versions.")
+@engine_options
 @json_option
 @click.pass_obj
-def fsck(c: Ctx, objects_only: bool, as_json: bool) -> None:
+def fsck(c: Ctx, objects_only: bool, chunk_mb: float, device: str, as_json: bool) -> None:
     """Check every object against its digest and rebuild every version to its digest."""
-    r = c.bank().fsck(rebuild=not objects_only)
+    r = c.bank().fsck(rebuild=not objects_only, options=Options(chunk_mb=chunk_mb, device=device))
 
     def render(d):
         out.print(f"{d['objects']} objects, {d['versions']} versions ({d['rebuilt']} rebuilt and verified)")

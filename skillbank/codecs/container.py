@@ -1,7 +1,7 @@
 """The task-vector object: encoded blocks, then a JSON footer that indexes them.
 
-Blocks sit on a fixed grid of BLOCK_ELEMS elements of each flattened tensor, the same grid the
-merge engine chunks on, so any chunk decodes without touching the rest of the tensor. The index
+Blocks are runs of whole rows of about BLOCK_ELEMS elements (the grid the merge engine walks,
+`skillbank.merge.engine.blocks`), so any block decodes without touching the rest of the tensor. The index
 goes last so the object is written in one streaming pass.
 """
 
@@ -32,10 +32,14 @@ class TaskVectorWriter:
     def add_block(self, name: str, dtype: str, shape, parent: torch.Tensor, finetuned: torch.Tensor) -> bytes:
         """Encode and append the next block of `name`; returns the encoded bytes."""
         data = self.codec.encode(parent, finetuned)
+        self.append(name, dtype, shape, data)
+        return data
+
+    def append(self, name: str, dtype: str, shape, data: bytes) -> None:
+        """Append an already encoded block; blocks of a tensor must come in order."""
         entry = self.index.setdefault(name, {"dtype": dtype, "shape": list(shape), "blocks": []})
         entry["blocks"].append([self._w.tell(), len(data)])
         self._w.write(data)
-        return data
 
     @property
     def stored_bytes(self) -> int:
@@ -60,16 +64,21 @@ class TaskVectorReader:
         self._fd = os.open(path, os.O_RDONLY)
         size = os.fstat(self._fd).st_size
         try:
+            if size < len(MAGIC) + _TAIL.size:
+                raise ValueError(f"only {size} bytes")
             n, magic = _TAIL.unpack(os.pread(self._fd, _TAIL.size, size - _TAIL.size))
-            if magic != MAGIC or n > size:
+            if magic != MAGIC or n > size - _TAIL.size - len(MAGIC):
                 raise ValueError("bad tail")
             footer = json.loads(os.pread(self._fd, n, size - _TAIL.size - n))
             self.codec = get_codec(footer["codec"], **footer["params"])
             self.block_elems = int(footer["block_elems"])
             self.tensors: dict[str, dict] = footer["tensors"]
-        except (ValueError, KeyError, struct.error) as e:
+        except (ValueError, KeyError, TypeError, struct.error) as e:
             os.close(self._fd)
             raise IntegrityError(f"task vector {digest} is not a readable task-vector object ({e})") from None
+        except BaseException:  # e.g. an unknown codec: say so, without leaking the descriptor
+            os.close(self._fd)
+            raise
 
     def decode(self, name: str, block: int, parent: torch.Tensor) -> torch.Tensor:
         offset, length = self.tensors[name]["blocks"][block]

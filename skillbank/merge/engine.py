@@ -1,55 +1,128 @@
-"""The streaming executor: every tensor is visited block by block, never held whole.
+"""The streaming executor: plan -> read -> decode -> merge -> hash/write, chunk by chunk.
 
-Blocks are fixed runs of BLOCK_ELEMS elements of the flattened tensor (the task-vector grid), so
-resident memory is a few blocks whatever the model's size. A rebuild is fused over the chain: per
-block, the base is read once and each task vector once, and the result is produced once.
+Workers compute chunks ahead of the writer (reads, zstd and torch kernels release the GIL, so
+they overlap); the writer consumes results strictly in plan order, hashing and appending each
+block at its final offset. At most `lookahead` chunks are in flight, so resident memory is a few
+chunks whatever the model's size. A rebuild is fused over the chain: per block, the base is read
+once and each task vector once, and the result is produced once.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Callable, Iterator
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
 
-from skillbank.codecs import BLOCK_ELEMS, Codec, TaskVectorWriter
-from skillbank.errors import ValidationError
+from skillbank.codecs import Codec, TaskVectorWriter
+from skillbank.errors import SkillbankError, ValidationError
 from skillbank.merge.chain import Chain, alpha_for
 from skillbank.merge.methods import METHODS
-from skillbank.tensors import Checkpoint, CheckpointWriter, TensorSpec, WeightsDigest
-from skillbank.tensors.writer import canonical
+from skillbank.merge.plan import DEFAULT_CHUNK_MB, Chunk, Piece, block_view, blocks, plan
+from skillbank.tensors import Checkpoint, CheckpointWriter, WeightsDigest
+
+__all__ = ["AddStats", "Options", "add_pass", "blocks", "materialize", "rebuild_piece", "resolve_device"]
 
 Progress = Callable[[int], None] | None
+T = TypeVar("T")
 
 
-def blocks(spec: TensorSpec, block_elems: int = BLOCK_ELEMS) -> Iterator[tuple[int, int, int]]:
-    """(block index, first element, element count); an empty tensor still has one empty block."""
-    n = spec.numel
-    for i in range(max(1, math.ceil(n / block_elems))):
-        first = i * block_elems
-        yield i, first, min(block_elems, n - first)
+@dataclass(frozen=True)
+class Options:
+    chunk_mb: float = DEFAULT_CHUNK_MB
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto
+    workers: int = 0  # 0: one per core, at most 4
+
+    @property
+    def n_workers(self) -> int:
+        return self.workers or max(1, min(4, os.cpu_count() or 1))
 
 
-def rebuild_block(chain: Chain, spec: TensorSpec, index: int, first: int, count: int) -> torch.Tensor:
-    x = chain.base.read(chain.base.tensors[spec.name], first, count)
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SkillbankError(f"unknown device {name!r} (cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SkillbankError(f"--device {name}: no CUDA device is available here")
+    if device.type not in ("cpu", "cuda"):
+        raise SkillbankError(f"unsupported device {name!r} (cpu, cuda, cuda:N or auto)")
+    return device
+
+
+def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cpu" or x.device == device:
+        return x
+    return x.pin_memory().to(device, non_blocking=True)
+
+
+def _merge(method: str, p: torch.Tensor, f: torch.Tensor, alpha: float, device: torch.device) -> torch.Tensor:
+    """Run a merge method on `device`; the arithmetic (methods.py) gives the same bytes on any."""
+    if device.type == "cpu" or not p.is_floating_point() or alpha in (0.0, 1.0):
+        return METHODS[method](p, f, alpha)
+    return METHODS[method](_to(p, device), _to(f, device), alpha).cpu()
+
+
+def rebuild_piece(chain: Chain, piece: Piece, device: torch.device) -> torch.Tensor:
+    """One block of a version: the base block, then each step of the chain applied in order."""
+    spec = piece.spec
+    x = block_view(chain.base.read(chain.base.tensors[spec.name], piece.first, piece.count), spec)
     for step in chain.steps:
-        ft = step.task_vector.decode(spec.name, index, x)
-        x = METHODS[step.method](x, ft, step.alpha(spec.name))
+        ft = step.task_vector.decode(spec.name, piece.index, x)
+        x = _merge(step.method, x, ft, step.alpha(spec.name), device)
     return x
 
 
-def materialize(chain: Chain, writer: CheckpointWriter | None, progress: Progress = None) -> str:
-    """Rebuild every tensor into `writer` (or nowhere) and return the weights digest."""
+def pipeline(items: Iterable[T], compute: Callable[[T], object], workers: int, lookahead: int) -> Iterator:
+    """compute(item) for every item on a thread pool, yielded in input order, few in flight."""
+    it = iter(items)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="skillbank") as pool:
+        pending = deque(pool.submit(compute, item) for item in _take(it, lookahead))
+        try:
+            while pending:
+                result = pending.popleft().result()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append(pool.submit(compute, nxt))
+                yield result
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+def _take(it: Iterator[T], n: int) -> list[T]:
+    out = []
+    for _ in range(n):
+        item = next(it, None)
+        if item is None:
+            break
+        out.append(item)
+    return out
+
+
+def materialize(chain: Chain, writer: CheckpointWriter | None, progress: Progress = None,
+                options: Options = Options()) -> str:
+    """Rebuild every tensor into `writer` (or nowhere, to verify) and return the weights digest."""
+    device = resolve_device(options.device)
     digest = WeightsDigest(chain.specs)
-    for spec in canonical(chain.specs):
-        for index, first, count in blocks(spec):
-            x = rebuild_block(chain, spec, index, first, count)
+
+    def compute(chunk: Chunk) -> list[tuple[Piece, torch.Tensor]]:
+        return [(piece, rebuild_piece(chain, piece, device)) for piece in chunk.pieces]
+
+    n = options.n_workers
+    for results in pipeline(plan(chain.specs, options.chunk_mb), compute, n, 2 * n):
+        for piece, x in results:
             digest.update(x)
             if writer is not None:
-                writer.write(spec.name, x)
+                writer.write(piece.spec.name, x)
             if progress:
-                progress(x.numel() * x.element_size())
+                progress(piece.nbytes)
     return digest.hexdigest()
 
 
@@ -61,7 +134,6 @@ class AddStats:
     delta_sq: float = 0.0
     parent_sq: float = 0.0
     error_sq: float = 0.0
-    nonfinite: list[str] = field(default_factory=list)
 
     @property
     def rel_norm(self) -> float:
@@ -72,39 +144,57 @@ class AddStats:
         return math.sqrt(self.error_sq) / math.sqrt(self.delta_sq) if self.delta_sq else 0.0
 
 
+def _sq(x: torch.Tensor) -> float:
+    return float(torch.dot(x.reshape(-1), x.reshape(-1)))
+
+
+def _measure(name: str, p: torch.Tensor, f: torch.Tensor, decoded: torch.Tensor) -> tuple[float, float, float]:
+    """(||f - p||^2, ||p||^2, ||decoded - f||^2) in the compute dtype; refuses NaN/Inf in f."""
+    from skillbank.tensors.dtypes import compute_dtype
+
+    wide = compute_dtype(p.dtype)
+    pw, fw = p.to(wide), f.to(wide)
+    delta_sq = _sq(fw - pw)
+    if not math.isfinite(delta_sq) and not bool(torch.isfinite(fw).all()):
+        raise ValidationError(f"finetuned tensor {name!r} contains NaN or Inf; refusing to store it")
+    err_sq = 0.0 if decoded is f else _sq(decoded.to(wide) - fw)
+    return delta_sq, _sq(pw), err_sq
+
+
 def add_pass(parent: Chain, finetuned: Checkpoint, codec: Codec, tv: TaskVectorWriter, method: str,
-             alphas: dict[str, float], groups: dict[str, str | None], progress: Progress = None) -> AddStats:
+             alphas: dict[str, float], groups: dict[str, str | None], progress: Progress = None,
+             options: Options = Options()) -> AddStats:
     """One pass that encodes the task vector, merges, and measures; nothing is committed here."""
-    merge = METHODS[method]
+    device = resolve_device(options.device)
+
+    def compute(chunk: Chunk) -> list:
+        out = []
+        for piece in chunk.pieces:
+            spec = piece.spec
+            p = rebuild_piece(parent, piece, device)
+            f = block_view(finetuned.read(spec.name, piece.first, piece.count), spec)
+            data = codec.encode(p, f)
+            # The merge is defined by what was stored, so later rebuilds give the same bytes.
+            decoded = f if codec.lossless else codec.decode(data, p)
+            norms = _measure(spec.name, p, f, decoded) if p.is_floating_point() else (0.0, 0.0, 0.0)
+            child = _merge(method, p, decoded, alpha_for(alphas, groups.get(spec.name)), device)
+            out.append((piece, data, f, child, norms))
+        return out
+
     stats = AddStats()
-    child = WeightsDigest(parent.specs)
-    ft_digest = WeightsDigest(parent.specs)
-    for spec in canonical(parent.specs):
-        alpha = alpha_for(alphas, groups.get(spec.name))
-        for index, first, count in blocks(spec):
-            p = rebuild_block(parent, spec, index, first, count)
-            f = finetuned.read(spec.name, first, count)
+    child_digest, ft_digest = WeightsDigest(parent.specs), WeightsDigest(parent.specs)
+    n = options.n_workers
+    for results in pipeline(plan(parent.specs, options.chunk_mb), compute, n, 2 * n):
+        for piece, data, f, child, (delta_sq, parent_sq, err_sq) in results:
+            tv.append(piece.spec.name, piece.spec.dtype, piece.spec.shape, data)
             ft_digest.update(f)
-            if p.is_floating_point():
-                if not bool(torch.isfinite(f).all()):
-                    stats.nonfinite.append(spec.name)
-                    raise ValidationError(
-                        f"finetuned tensor {spec.name!r} contains NaN or Inf; refusing to store it"
-                    )
-                p64, f64 = p.double(), f.double()
-                stats.delta_sq += float(torch.sum((f64 - p64) ** 2))
-                stats.parent_sq += float(torch.sum(p64 * p64))
-            data = tv.add_block(spec.name, spec.dtype, spec.shape, p, f)
-            if not codec.lossless:
-                # The merge is defined by what was stored, so later rebuilds give the same bytes.
-                decoded = codec.decode(data, p)
-                if p.is_floating_point():
-                    stats.error_sq += float(torch.sum((decoded.double() - f.double()) ** 2))
-                f = decoded
-            child.update(merge(p, f, alpha))
-            stats.raw_bytes += f.numel() * f.element_size()
+            child_digest.update(child)
+            stats.delta_sq += delta_sq
+            stats.parent_sq += parent_sq
+            stats.error_sq += err_sq
+            stats.raw_bytes += piece.nbytes
             if progress:
-                progress(f.numel() * f.element_size())
-    stats.digest = child.hexdigest()
+                progress(piece.nbytes)
+    stats.digest = child_digest.hexdigest()
     stats.finetuned_digest = ft_digest.hexdigest()
     return stats

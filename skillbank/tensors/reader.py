@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,8 @@ class SafetensorsFile:
         except OSError as e:
             raise CheckpointError(f"{self.path}: cannot open ({e.strerror})") from None
         try:
+            if stat.S_ISDIR(os.fstat(self._fd).st_mode):  # O_RDONLY opens a directory on Linux
+                raise CheckpointError(f"{self.path}: is a directory, expected a .safetensors file")
             self.metadata, self.tensors = self._parse()
         except BaseException:
             os.close(self._fd)
@@ -210,12 +213,17 @@ def _sharded(directory: Path, index_path: Path) -> list[Path]:
         index = json.loads(index_path.read_text())
         weight_map = index["weight_map"]
         shard_names = sorted(set(weight_map.values()))
+        if not all(isinstance(s, str) for s in shard_names):
+            raise TypeError("weight_map values must be file names")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{index_path}: not a valid safetensors index ({e})") from None
+    base = directory.resolve()
     paths = []
     for shard in shard_names:
-        p = (directory / shard).resolve()
-        if directory.resolve() not in p.parents:
+        # The check is on the name, not on where symlinks lead: the Hugging Face cache links every
+        # snapshot file to ../../blobs/<hash>, which is outside the snapshot directory by design.
+        p = Path(os.path.normpath(base / shard))
+        if base not in p.parents:
             raise CheckpointError(f"{index_path}: shard {shard!r} points outside {directory}")
         paths.append(p)
     return paths
