@@ -25,7 +25,7 @@ from sqlalchemy import func, select
 from skillbank import groups as groups_mod
 from skillbank.card import model_card
 from skillbank.codecs import DEFAULT_CODEC, TaskVectorWriter, get_codec
-from skillbank.db import Database, Eval, Meta, Ref, RefLog, Skill, TaskVector, Version
+from skillbank.db import Database, Eval, Keyframe, Meta, Ref, RefLog, Skill, TaskVector, Version
 from skillbank.db import migrate
 from skillbank.errors import CheckpointError, IntegrityError, RefError, SkillbankError, ValidationError
 from skillbank.lineage import Head, ancestors, create_ref, move_branch, read_head, resolve, write_head
@@ -39,6 +39,7 @@ from skillbank.tensors.writer import as_bytes, canonical, write_text_atomic
 
 BANK_FILE = "bank.json"
 MAX_REL_DISTANCE = 0.5  # ||ft - parent|| / ||parent|| above this does not look like a finetune
+KEYFRAME_EVERY = 8  # "auto": keep a version whole once its rebuild would replay this many task vectors
 Progress = Callable[[int], None] | None
 OUTPUT_NAMES = ("model.safetensors", "model.safetensors.index.json")
 
@@ -122,8 +123,8 @@ class Bank:
                 source = ckpt.source
             manifest = store.put_json({
                 "format": MANIFEST_FORMAT, "tensors": [s.to_json() for s in canonical(specs)],
-                "base": base_obj, "parent_manifest": None, "step": None, "config": config,
-                "layout": layout,
+                "base": base_obj, "digest": base_obj, "parent_manifest": None, "step": None,
+                "config": config, "layout": layout,
             })
             url = db_url or cls.default_db_url(root)
             db = Database(url)
@@ -194,8 +195,10 @@ class Bank:
                   preset: str | None = None, force: bool = False, message: str | None = None,
                   demos: dict | None = None, trainer: str | None = "external",
                   trainer_settings: dict | None = None, progress: Progress = None,
-                  options: Options = Options()) -> dict:
+                  options: Options = Options(), keyframe: str = "auto") -> dict:
         check_name(name, "skill")
+        if keyframe not in ("auto", "always", "never"):
+            raise ValidationError(f"--keyframe {keyframe!r}: expected auto, always or never")
         alphas = parse_alpha(alpha)
         codec_impl = get_codec(codec)
         head = self.head
@@ -204,16 +207,20 @@ class Bank:
             target, expected = self._target_branch(s, head, parent, from_ref, branch)
         with ExitStack() as stack:
             ft = stack.enter_context(open_source(finetuned))
-            chain = open_chain(self.store, parent.manifest)
+            chain = open_chain(self.store, parent.manifest, self.keyframes())
             stack.callback(chain.close)
+            keep_whole = keyframe == "always" or (keyframe == "auto" and len(chain.steps) + 1 >= KEYFRAME_EVERY)
             self._check_compatible(chain.specs, ft, parent.label, force)
             names = [s_.name for s_ in chain.specs]
             rules = (groups_mod.load_rules_file(groups) if groups else
                      groups_mod.get_preset(preset) if preset else groups_mod.detect_preset(names))
             assignment = assign_groups(names, alphas, rules)
             tv = TaskVectorWriter(self.store, codec_impl)
+            keep = self.store.writer() if keep_whole else None
+            if keep is not None:
+                stack.callback(keep.abort)
             try:
-                stats = add_pass(chain, ft, codec_impl, tv, "retain", alphas, assignment, progress, options)
+                stats = add_pass(chain, ft, codec_impl, tv, "retain", alphas, assignment, progress, options, keep)
                 if not force:
                     if stats.delta_sq == 0.0:
                         raise ValidationError(
@@ -224,13 +231,16 @@ class Bank:
                             f"{finetuned} does not look finetuned from {parent.label} (relative distance "
                             f"{stats.rel_norm:.3f} > {MAX_REL_DISTANCE}); pass --force if you know better")
                 tv_obj = tv.commit()
+                if keep is not None and keep.commit() != stats.digest:
+                    raise IntegrityError("the keyframe written during add-skill does not match the merge's digest")
             except BaseException:
                 tv.abort()
                 raise
             ft_source = ft.source
         manifest = self.store.put_json({
             "format": MANIFEST_FORMAT, "tensors": [s_.to_json() for s_ in canonical(chain.specs)],
-            "base": None, "parent_manifest": parent.manifest, "config": self._config_of(parent),
+            "base": None, "digest": stats.digest, "parent_manifest": parent.manifest,
+            "config": self._config_of(parent),
             "layout": self.store.get_json(parent.manifest).get("layout"),
             "step": {"method": "retain", "task_vector": tv_obj, "alphas": alphas,
                      "groups": assignment, "codec": codec_impl.name},
@@ -259,6 +269,8 @@ class Bank:
                                   manifest=manifest, source=None, n_params=n_params, n_bytes=n_bytes,
                                   author=self.author, message=message or f"add skill {name}"))
                     s.flush()
+                    if keep_whole:
+                        s.add(Keyframe(version_id=vid, reason="auto" if keyframe == "auto" else "pin"))
                     if expected is None:
                         create_ref(s, target, "branch", vid, "add-skill", self.author, f"add-skill {name}")
                     else:
@@ -272,7 +284,7 @@ class Bank:
                 "alpha": format_alphas(alphas), "alphas": alphas, "digest": stats.digest,
                 "codec": codec_impl.name, "raw_bytes": stats.raw_bytes,
                 "stored_bytes": self.store.size(tv_obj), "rel_norm": stats.rel_norm,
-                "groups": rules.name}
+                "groups": rules.name, "keyframe": keep_whole}
 
     def _target_branch(self, s, head: Head, parent: Version, from_ref: str | None,
                        branch: str | None) -> tuple[str, int | None]:
@@ -347,7 +359,7 @@ class Bank:
                 "skillbank.lineage_digest": xxhash.xxh3_128_hexdigest(lineage_json.encode())}
         if out.exists() and not out.is_dir():
             raise SkillbankError(f"--out {out} exists and is not a directory")
-        chain = open_chain(self.store, version.manifest)
+        chain = open_chain(self.store, version.manifest, self.keyframes())
         try:
             writer = CheckpointWriter(out, chain.specs, meta, max_shard_size)
             try:
@@ -411,7 +423,8 @@ class Bank:
             v = resolve(s, ref, self.head)
             row = self._row(s, v, self._refs_by_version(s))
             row.update(method=v.method, group_preset=v.group_preset, source=v.source,
-                       params=v.n_params, bytes=v.n_bytes, manifest=v.manifest)
+                       params=v.n_params, bytes=v.n_bytes, manifest=v.manifest,
+                       keyframe=v.id == 0 or s.get(Keyframe, v.id) is not None)
             if v.skill:
                 sk, tv = v.skill, v.skill.task_vector
                 row["skill_detail"] = {
@@ -481,6 +494,45 @@ class Bank:
             move_branch(s, branch, tip.id, target.id, "rollback", self.author, f"rollback to {ref}")
         return {"branch": branch, "from": tip.label, "to": target.label}
 
+    # ----------------------------------------------------------------- keyframes
+
+    def keyframes(self) -> frozenset[str]:
+        """Weights digests of the versions kept whole (each is its own object in the store)."""
+        with self.db.read() as s:
+            return frozenset(s.scalars(select(Version.digest).join(Keyframe, Keyframe.version_id == Version.id)))
+
+    def pin(self, ref: str, progress: Progress = None, options: Options = Options()) -> dict:
+        """Keep REF whole in the store, so it and its descendants rebuild from there."""
+        with self.db.read() as s:
+            v = resolve(s, ref, self.head)
+            existing = s.get(Keyframe, v.id)
+        if not self.store.has(v.digest):
+            chain = open_chain(self.store, v.manifest, self.keyframes())
+            try:
+                with self.store.writer() as w:
+                    w.write(header_bytes(canonical(chain.specs)))
+                    digest = materialize(chain, _ObjectSink(w), progress, options)
+                    if digest != v.digest:
+                        raise IntegrityError(f"rebuilt {v.label} has digest {digest}, recorded {v.digest}")
+                    w.commit()
+            finally:
+                chain.close()
+        if existing is None:
+            with self.db.write() as s:
+                if s.get(Keyframe, v.id) is None:
+                    s.add(Keyframe(version_id=v.id, reason="pin"))
+        return {"version": v.label, "digest": v.digest, "keyframe": True}
+
+    def unpin(self, ref: str) -> dict:
+        with self.db.write() as s:
+            v = resolve(s, ref, self.head)
+            if v.id == 0:
+                raise RefError("v0 is the base: it is always kept whole")
+            row = s.get(Keyframe, v.id)
+            if row is not None:
+                s.delete(row)
+        return {"version": v.label, "digest": v.digest, "keyframe": False}
+
     # ----------------------------------------------------------------- upkeep
 
     def referenced_objects(self) -> set[str]:
@@ -488,13 +540,14 @@ class Bank:
         with self.db.read() as s:
             manifests = s.scalars(select(Version.manifest)).all()
             refs.update(s.scalars(select(TaskVector.object)).all())
+        refs.update(self.keyframes())
         for digest in manifests:
             refs.add(digest)
             try:
                 m = self.store.get_json(digest)
             except IntegrityError:
                 continue
-            for key in ("base", "config"):
+            for key in ("base", "config"):  # "digest" is only an object while it is a keyframe
                 if m.get(key):
                     refs.add(m[key])
             if m.get("step"):
@@ -562,3 +615,13 @@ def upgrade_database(root: str | os.PathLike, db_url: str | None = None) -> dict
     finally:
         db.dispose()
     return {"from": before, "to": after}
+
+
+class _ObjectSink:
+    """Lets `materialize` stream a rebuild into a store object (its writer interface)."""
+
+    def __init__(self, writer):
+        self._w = writer
+
+    def write(self, name: str, chunk) -> None:
+        self._w.write(as_bytes(chunk))

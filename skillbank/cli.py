@@ -139,12 +139,14 @@ def _source_size(path: str) -> int | None:
               help="Rules file (GROUP: REGEX per line) for per-group alphas.")
 @click.option("--preset", default=None, help="Parameter-group preset (default: detected from key names).")
 @click.option("--force", is_flag=True, help="Accept a checkpoint that looks unrelated to the parent.")
+@click.option("--keyframe", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
+              help="Keep the new version whole in the store (auto: every 8 steps of a chain).")
 @click.option("-m", "--message", default=None)
 @engine_options
 @json_option
 @click.pass_obj
 def add_skill(c: Ctx, name, finetuned, demos, alpha, from_ref, branch, codec, groups_file, preset, force,
-              message, chunk_mb, device, as_json) -> None:
+              keyframe, message, chunk_mb, device, as_json) -> None:
     """Register a skill, merge it into its parent, and advance the branch."""
     if bool(finetuned) == bool(demos):
         raise click.UsageError("give exactly one of --finetuned PATH or --demos PATH")
@@ -155,7 +157,7 @@ def add_skill(c: Ctx, name, finetuned, demos, alpha, from_ref, branch, codec, gr
     with progress_bar(f"adding {name}", _source_size(finetuned), as_json) as prog:
         r = bank.add_skill(name, finetuned, alpha, from_ref=from_ref, branch=branch, codec=codec,
                            groups=groups_file, preset=preset, force=force, message=message, progress=prog,
-                           options=Options(chunk_mb=chunk_mb, device=device))
+                           options=Options(chunk_mb=chunk_mb, device=device), keyframe=keyframe)
     emit(r, as_json, lambda d: out.print(
         f"{d['version']} on {d['branch']}: {d['skill']} (alpha {d['alpha']}) from {d['parent']}; "
         f"task vector {d['raw_bytes'] / max(d['stored_bytes'], 1):.2f}x smaller with {d['codec']}"))
@@ -281,6 +283,23 @@ def reflog(c: Ctx, ref: str | None, limit: int, as_json: bool) -> None:
     emit(rows, as_json, lambda d: table(None, ["ref", "old", "new", "action", "message", "author", "at"],
                                         [[r["ref"], r["old"], r["new"], r["action"], r["message"], r["author"],
                                           r["created_at"]] for r in d]))
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--unpin", is_flag=True, help="Stop keeping REF whole (it stays rebuildable from its chain).")
+@engine_options
+@json_option
+@click.pass_obj
+def pin(c: Ctx, ref: str, unpin: bool, chunk_mb: float, device: str, as_json: bool) -> None:
+    """Keep REF whole in the store (a keyframe) so long chains rebuild from there."""
+    bank = c.bank()
+    if unpin:
+        r = bank.unpin(ref)
+    else:
+        with progress_bar(f"pinning {ref}", bank.resolve(ref).n_bytes, as_json) as prog:
+            r = bank.pin(ref, prog, Options(chunk_mb=chunk_mb, device=device))
+    emit(r, as_json, lambda d: out.print(f"{d['version']} {'is now' if d['keyframe'] else 'is no longer'} a keyframe"))
 
 
 @cli.command()

@@ -92,6 +92,8 @@ class XorZstd:
         width, n = parent.element_size(), parent.numel()
         if not data or data[0] != (width if width > 1 else 1):
             raise IntegrityError("task-vector block has the wrong number of byte planes")
+        if len(data) < 1 + data[0] * _PLANE.size:
+            raise IntegrityError("task-vector block is truncated")
         view = memoryview(data)
         pos = 1 + data[0] * _PLANE.size
         planes = []

@@ -124,3 +124,15 @@ class Eval(Base):
     episodes: Mapped[int | None] = mapped_column(Integer)
     seed: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Keyframe(Base):
+    """A version kept whole in the store so rebuilds of its descendants start there.
+
+    A cache, not history: rows come and go (pin / unpin), the version they name never changes.
+    """
+
+    __tablename__ = "keyframes"
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"), primary_key=True)
+    reason: Mapped[str] = mapped_column(String(16))  # "auto" | "pin"
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -45,8 +45,12 @@ class Chain:
             s.task_vector.close()
 
 
-def manifests_of(store: ObjectStore, manifest: str) -> list[dict]:
-    """The manifests from the base to this version."""
+def manifests_of(store: ObjectStore, manifest: str, keyframes: frozenset[str] = frozenset()) -> list[dict]:
+    """The manifests from the base (or the nearest keyframe) to this version.
+
+    A keyframe is a version whose weights are kept whole in the store: its canonical
+    serialisation's digest is the version's weights digest, so it serves as a base as it is.
+    """
     out, seen = [], set()
     digest: str | None = manifest
     while digest:
@@ -57,14 +61,18 @@ def manifests_of(store: ObjectStore, manifest: str) -> list[dict]:
         if m.get("format") != MANIFEST_FORMAT:
             raise IntegrityError(f"object {digest} is not a version manifest")
         out.append(m)
+        if m.get("digest") in keyframes and store.has(m["digest"]):
+            break
         digest = m.get("parent_manifest")
     out.reverse()
     return out
 
 
-def open_chain(store: ObjectStore, manifest: str) -> Chain:
-    ms = manifests_of(store, manifest)
-    base = SafetensorsFile(store.open_verified(ms[0]["base"]))
+def open_chain(store: ObjectStore, manifest: str, keyframes: frozenset[str] = frozenset()) -> Chain:
+    """The chain to rebuild `manifest`; with `keyframes`, it starts at the nearest one."""
+    ms = manifests_of(store, manifest, keyframes)
+    start = ms[0]["base"] or ms[0]["digest"]
+    base = SafetensorsFile(store.open_verified(start))
     chain = Chain([TensorSpec.from_json(r) for r in ms[-1]["tensors"]], base)
     try:
         for m in ms[1:]:

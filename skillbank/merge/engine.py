@@ -23,7 +23,9 @@ from skillbank.errors import SkillbankError, ValidationError
 from skillbank.merge.chain import Chain, alpha_for
 from skillbank.merge.methods import METHODS
 from skillbank.merge.plan import DEFAULT_CHUNK_MB, Chunk, Piece, block_view, blocks, plan
-from skillbank.tensors import Checkpoint, CheckpointWriter, WeightsDigest
+from skillbank.store import ObjectWriter
+from skillbank.tensors import Checkpoint, CheckpointWriter, WeightsDigest, header_bytes
+from skillbank.tensors.writer import as_bytes, canonical
 
 __all__ = ["AddStats", "Options", "add_pass", "blocks", "materialize", "rebuild_piece", "resolve_device"]
 
@@ -163,8 +165,12 @@ def _measure(name: str, p: torch.Tensor, f: torch.Tensor, decoded: torch.Tensor)
 
 def add_pass(parent: Chain, finetuned: Checkpoint, codec: Codec, tv: TaskVectorWriter, method: str,
              alphas: dict[str, float], groups: dict[str, str | None], progress: Progress = None,
-             options: Options = Options()) -> AddStats:
-    """One pass that encodes the task vector, merges, and measures; nothing is committed here."""
+             options: Options = Options(), keep: ObjectWriter | None = None) -> AddStats:
+    """One pass that encodes the task vector, merges, and measures; nothing is committed here.
+
+    With `keep`, the merged child is also streamed, canonically serialised, into that object:
+    a keyframe, for the cost of one more write.
+    """
     device = resolve_device(options.device)
 
     def compute(chunk: Chunk) -> list:
@@ -183,12 +189,16 @@ def add_pass(parent: Chain, finetuned: Checkpoint, codec: Codec, tv: TaskVectorW
 
     stats = AddStats()
     child_digest, ft_digest = WeightsDigest(parent.specs), WeightsDigest(parent.specs)
+    if keep is not None:
+        keep.write(header_bytes(canonical(parent.specs)))
     n = options.n_workers
     for results in pipeline(plan(parent.specs, options.chunk_mb), compute, n, 2 * n):
         for piece, data, f, child, (delta_sq, parent_sq, err_sq) in results:
             tv.append(piece.spec.name, piece.spec.dtype, piece.spec.shape, data)
             ft_digest.update(f)
             child_digest.update(child)
+            if keep is not None:
+                keep.write(as_bytes(child))
             stats.delta_sq += delta_sq
             stats.parent_sq += parent_sq
             stats.error_sq += err_sq
