@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -493,6 +494,70 @@ class Bank:
                                "--force moves the branch anyway")
             move_branch(s, branch, tip.id, target.id, "rollback", self.author, f"rollback to {ref}")
         return {"branch": branch, "from": tip.label, "to": target.label}
+
+    # ----------------------------------------------------------------- audit
+
+    def audit(self, path: str, *, min_alpha: float = 0.05, seed: int = 0) -> dict:
+        """Which version and skills a checkpoint holds: exact by digest, else estimated."""
+        from skillbank.lineage.audit import VersionNode, checkpoint_digest, estimate, match_names
+
+        with open_source(path) as ckpt, self.db.read() as s:
+            versions = s.scalars(select(Version).order_by(Version.id)).all()
+            refs = self._refs_by_version(s)
+            hint = {k.removeprefix("skillbank."): v for k, v in ckpt.metadata.items()
+                    if k in ("skillbank.version", "skillbank.digest", "skillbank.bank")}
+            specs = [TensorSpec.from_json(r) for r in self.store.get_json(versions[0].manifest)["tensors"]]
+            digest = checkpoint_digest(ckpt)
+            report = {"path": path, "source": ckpt.source, "digest": digest, "hint": hint or None,
+                      "bank": self.id}
+            by_digest = [v for v in versions if v.digest == digest]
+            if by_digest:
+                v = by_digest[0]
+                chain = self._lineage_detail(s, v)
+                report.update(match="exact", version=v.label, refs=refs.get(v.id, []),
+                              skills=[{"name": e["skill"], "version": e["version"], "alpha": e["alpha"],
+                                       "alphas": e["alphas"]} for e in chain[1:]],
+                              lineage=chain)
+                return report
+            names = match_names([sp.name for sp in specs], list(ckpt.tensors))
+            shapes_ok = names is not None and all(
+                math.prod(ckpt.tensors[names[sp.name]].shape) == sp.numel for sp in specs)
+            if not shapes_ok:
+                report.update(match="none", version=None, skills=[],
+                              reason="its tensors do not match this bank's (names or shapes differ)")
+                return report
+            nodes = [VersionNode(v.id, v.parent_id, v.manifest) for v in versions]
+            est = estimate(self.store, nodes, ckpt, names, specs, seed)
+            skill_of = {v.id: v for v in versions if v.skill is not None}
+            nearest = min(est["distances"], key=est["distances"].get) if est["distances"] else None
+            contained = [{"name": skill_of[k].skill.name, "version": f"v{k}", "alpha": round(c, 4),
+                          "recorded_alpha": format_alphas(skill_of[k].alphas)}
+                         for k, c in sorted(est["coefficients"].items()) if c >= min_alpha]
+            fuzzy = est["residual"] <= 0.5
+            report.update(match="fuzzy" if fuzzy else "none", version=f"v{nearest}" if fuzzy and nearest is not None else None,
+                          nearest={"version": f"v{nearest}", "distance": est["distances"][nearest]} if nearest is not None else None,
+                          skills=contained if fuzzy else [], residual=est["residual"], samples=est["samples"],
+                          renamed=any(k != v_ for k, v_ in names.items()))
+            return report
+
+    def _lineage_detail(self, s, version: Version) -> list[dict]:
+        out = []
+        for v in reversed(ancestors(s, version)):
+            entry = {"version": v.label, "digest": v.digest, "author": v.author, "created_at": _iso(v.created_at),
+                     "evals": [{"suite": e.suite, "split": e.split, "metric": e.metric, "value": e.value,
+                                "episodes": e.episodes}
+                               for e in s.scalars(select(Eval).where(Eval.version_id == v.id))]}
+            if v.skill is None:
+                entry["base"] = {"source": v.source}
+            else:
+                sk, tv = v.skill, v.skill.task_vector
+                entry.update(skill=sk.name, alpha=format_alphas(v.alphas), alphas=v.alphas,
+                             demos={"uri": sk.demos_uri, "digest": sk.demos_digest, "dvc_hash": sk.demos_dvc_hash,
+                                    "git_rev": sk.demos_git_rev},
+                             trainer=sk.trainer, trainer_settings=sk.trainer_settings,
+                             finetuned_digest=sk.finetuned_digest, codec=tv.codec)
+            out.append(entry)
+        return out
 
     # ----------------------------------------------------------------- keyframes
 

@@ -286,6 +286,44 @@ def reflog(c: Ctx, ref: str | None, limit: int, as_json: bool) -> None:
 
 
 @cli.command()
+@click.argument("path")
+@click.option("--require-skill", multiple=True, help="Exit 3 unless the checkpoint contains this skill.")
+@click.option("--forbid-skill", multiple=True, help="Exit 3 if the checkpoint contains this skill.")
+@click.option("--min-alpha", default=0.05, show_default=True, help="Smallest estimated alpha that counts as containing a skill.")
+@json_option
+@click.pass_obj
+def audit(c: Ctx, path: str, require_skill, forbid_skill, min_alpha: float, as_json: bool) -> None:
+    """Which version and skills a checkpoint contains (exact by digest, else estimated)."""
+    r = c.bank().audit(path, min_alpha=min_alpha)
+    held = {sk["name"] for sk in r["skills"]}
+    failures = [f"required skill {n!r} is not in the checkpoint" for n in require_skill if n not in held]
+    failures += [f"forbidden skill {n!r} is in the checkpoint" for n in forbid_skill if n in held]
+    r["gate"] = {"ok": not failures, "failures": failures}
+
+    def render(d):
+        if d["match"] == "exact":
+            out.print(f"exact: {d['version']} ({', '.join(d['refs']) or 'no refs'}), digest {d['digest']}")
+            for e in d["lineage"]:
+                what = f"{e['skill']} alpha {e['alpha']}" if e.get("skill") else f"base {e['base']['source']}"
+                out.print(f"  {e['version']}: {what}")
+        elif d["match"] == "fuzzy":
+            out.print(f"fuzzy: nearest {d['nearest']['version']} (relative distance {d['nearest']['distance']:.3g}); "
+                      f"{d['residual']:.1%} of the change is unexplained")
+            for sk in d["skills"]:
+                out.print(f"  {sk['name']} ({sk['version']}): estimated alpha {sk['alpha']:.3f} "
+                          f"(recorded {sk['recorded_alpha']})")
+        else:
+            near = d.get("nearest")
+            out.print("none: " + (d.get("reason") or f"nearest {near['version']} at relative distance "
+                                  f"{near['distance']:.3g}, {d['residual']:.1%} unexplained"))
+    emit(r, as_json, render)
+    for f in failures:
+        click.echo(f"audit gate: {f}", err=True)
+    if failures:
+        sys.exit(3)
+
+
+@cli.command()
 @click.argument("ref")
 @click.option("--unpin", is_flag=True, help="Stop keeping REF whole (it stays rebuildable from its chain).")
 @engine_options

@@ -213,9 +213,13 @@ class DeltaCodec:
             size = zstandard.frame_content_size(body)
             if size < 0 or size > bound:
                 raise IntegrityError(f"{self.name} block declares {size} bytes of content (at most {bound})")
-            raw = _ctx().d.decompress(body, max_output_size=bound)
+            # zstd refuses output beyond the declared size, so this stays within `bound`.
+            stream = _ctx().d.decompressobj()
+            raw = stream.decompress(body)
         except zstandard.ZstdError as e:
             raise IntegrityError(f"{self.name} block does not decompress ({e})") from None
+        if not stream.eof or stream.unused_data or len(raw) != size:
+            raise IntegrityError(f"{self.name} block is not exactly one complete zstd frame")
         if len(raw) < _COUNT.size or raw[0] != self.sections:
             raise IntegrityError(f"{self.name} block does not hold {self.sections} sections")
         pos = _COUNT.size + self.sections * _LEN.size
