@@ -495,6 +495,22 @@ class Bank:
             move_branch(s, branch, tip.id, target.id, "rollback", self.author, f"rollback to {ref}")
         return {"branch": branch, "from": tip.label, "to": target.label}
 
+    # ----------------------------------------------------------------- evals
+
+    def record_eval(self, ref: str, suite: str, split: str, value: float, *, metric: str = "success_rate",
+                    episodes: int | None = None, seed: int | None = None) -> dict:
+        """Attach a measured result to a version (append-only, like every record)."""
+        if not math.isfinite(value):
+            raise ValidationError(f"eval value {value!r} is not a finite number")
+        if episodes is not None and episodes < 1:
+            raise ValidationError("--episodes must be at least 1")
+        with self.db.write() as s:
+            v = resolve(s, ref, self.head)
+            s.add(Eval(version_id=v.id, suite=suite, split=split, metric=metric, value=value,
+                       episodes=episodes, seed=seed))
+        return {"version": v.label, "suite": suite, "split": split, "metric": metric, "value": value,
+                "episodes": episodes, "seed": seed}
+
     # ----------------------------------------------------------------- audit
 
     def audit(self, path: str, *, min_alpha: float = 0.05, seed: int = 0) -> dict:

@@ -285,6 +285,22 @@ def reflog(c: Ctx, ref: str | None, limit: int, as_json: bool) -> None:
                                           r["created_at"]] for r in d]))
 
 
+@cli.command("record-eval")
+@click.argument("ref")
+@click.option("--suite", required=True, help="e.g. metaworld:pick-place-v3 or libero:pot-on-stove")
+@click.option("--split", required=True, help="ID, OOD, generalist, or your own name")
+@click.option("--value", required=True, type=float)
+@click.option("--metric", default="success_rate", show_default=True)
+@click.option("--episodes", type=int, default=None)
+@click.option("--seed", type=int, default=None)
+@json_option
+@click.pass_obj
+def record_eval(c: Ctx, ref, suite, split, value, metric, episodes, seed, as_json) -> None:
+    """Record an evaluation measured elsewhere against a version."""
+    r = c.bank().record_eval(ref, suite, split, value, metric=metric, episodes=episodes, seed=seed)
+    emit(r, as_json, lambda d: out.print(f"{d['version']}: {d['suite']} {d['split']} {d['metric']} = {d['value']:g}"))
+
+
 @cli.command()
 @click.argument("path")
 @click.option("--require-skill", multiple=True, help="Exit 3 unless the checkpoint contains this skill.")
