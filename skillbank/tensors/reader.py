@@ -75,6 +75,7 @@ class SafetensorsFile:
             self.metadata, self.tensors = self._parse()
         except BaseException:
             os.close(self._fd)
+            self._fd = -1  # or __del__ would close the number again, by then maybe another file's
             raise
 
     def _fail(self, why: str) -> CheckpointError:
