@@ -13,8 +13,9 @@ import math
 import torch
 
 from skillbank.codecs.base import register
-from skillbank.codecs.delta import DeltaCodec, IntegrityError, check_finite, pack_mask, tensor_bytes, tensor_from, \
-    unpack_mask, wide_dtype
+from skillbank.codecs.delta import DeltaCodec, check_finite, pack_mask, tensor_bytes, tensor_from, unpack_mask, \
+    wide_dtype
+from skillbank.errors import IntegrityError
 
 
 def _rows(shape) -> tuple[int, int]:

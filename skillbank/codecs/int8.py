@@ -13,8 +13,8 @@ import math
 import torch
 
 from skillbank.codecs.base import register
-from skillbank.codecs.delta import DeltaCodec, IntegrityError, check_finite, int_param, tensor_bytes, tensor_from, \
-    wide_dtype
+from skillbank.codecs.delta import DeltaCodec, check_finite, int_param, tensor_bytes, tensor_from, wide_dtype
+from skillbank.errors import IntegrityError
 
 _SMALLEST = 2.0 ** -149  # the smallest positive fp32 (a subnormal): the scale of a group whose max underflows
 

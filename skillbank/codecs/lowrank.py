@@ -18,14 +18,13 @@ decode lowrank blocks on the CPU always.
 
 from __future__ import annotations
 
-import math
 import struct
 
 import torch
 
 from skillbank.codecs.base import register
-from skillbank.codecs.delta import DeltaCodec, IntegrityError, ValidationError, check_finite, int_param, \
-    tensor_bytes, tensor_from, wide_dtype
+from skillbank.codecs.delta import DeltaCodec, check_finite, int_param, tensor_bytes, tensor_from, wide_dtype
+from skillbank.errors import IntegrityError, ValidationError
 
 _META = struct.Struct("<BI")  # factor dtype code, rank
 _FACTOR = {0: torch.float32, 1: torch.float16}
@@ -62,7 +61,8 @@ class LowRank(DeltaCodec):
     def __init__(self, rank: int = 16, factor_dtype: str = "fp32"):
         self.rank = int_param(rank, "lowrank rank", 1)
         if factor_dtype not in _FACTOR_NAMES:
-            raise ValidationError(f"lowrank factor_dtype must be one of {', '.join(_FACTOR_NAMES)}, not {factor_dtype!r}")
+            raise ValidationError(f"lowrank factor_dtype must be one of {', '.join(_FACTOR_NAMES)}, "
+                                  f"not {factor_dtype!r}")
         self.factor_dtype = factor_dtype
 
     def params(self) -> dict:
