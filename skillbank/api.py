@@ -287,6 +287,103 @@ class Bank:
                 "stored_bytes": self.store.size(tv_obj), "rel_norm": stats.rel_norm,
                 "groups": rules.name, "keyframe": keep_whole}
 
+    def add_skill_from_demos(self, name: str, demos: str, alpha: str | float, *, from_ref: str | None = None,
+                             branch: str | None = None, settings: dict | None = None,
+                             train_cmd: str | None = None, val_suite: str | None = None,
+                             sweep_grid: tuple[float, ...] | None = None, episodes: int = 10,
+                             seeds: tuple[int, ...] = (0,), plot: str | None = None,
+                             progress: bool = False, **add_kwargs) -> dict:
+        """Finetune the parent version on `demos` (built-in trainer or the user's command), then add it.
+
+        Finetuning always starts from the materialised parent. `alpha="auto"` (or `auto:GROUP`)
+        sweeps alpha on `val_suite` and keeps the best OOD one, as the paper chose its alpha.
+        """
+        import tempfile
+
+        from skillbank.train.demos import demos_digest, dvc_info, read_demos
+
+        auto = isinstance(alpha, str) and alpha.strip().lower().startswith("auto")
+        if auto and not val_suite:
+            raise ValidationError("--alpha auto needs --val-suite (the OOD split that picks alpha)")
+        if not auto:
+            parse_alpha(alpha)  # fail before training, not after
+        read_demos(demos)  # a one-line error now if they are not LeRobot v3
+        with self.db.read() as s:
+            parent = resolve(s, from_ref or "HEAD", self.head)
+            lineage = self._lineage(s, parent)
+        info = {"uri": str(demos), "digest": demos_digest(demos), **dvc_info(demos)}
+        self.store.tmp.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.store.tmp, prefix="train-") as work:
+            work = Path(work)
+            self._materialize(parent, work / "parent", lineage, None, None, add_kwargs.get("options", Options()))
+            if train_cmd:
+                from skillbank.train.finetune import run_train_cmd
+
+                weights = run_train_cmd(train_cmd, work / "parent", work / "finetuned", Path(demos))
+                trainer, trainer_settings = "external-command", {"command": train_cmd}
+            else:
+                from skillbank.train.finetune import finetune
+                from skillbank.train.trainer import TrainSettings
+
+                run = finetune(work / "parent", demos, work / "finetuned", TrainSettings.from_dict(settings or {}),
+                               progress=progress)
+                weights, trainer = work / "finetuned", run["trainer"]
+                trainer_settings = {"settings": run["settings"], "metrics": run["metrics"]}
+            sweep_report = None
+            if auto:
+                alpha, sweep_report = self._choose_alpha(name, alpha, work, val_suite, sweep_grid, episodes, seeds,
+                                                         plot)
+                trainer_settings["alpha_sweep"] = sweep_report
+            result = self.add_skill(name, str(weights), alpha, from_ref=parent.label, branch=branch, demos=info,
+                                    trainer=trainer, trainer_settings=trainer_settings, **add_kwargs)
+        result["demos_digest"] = info["digest"]
+        if sweep_report:
+            result["alpha_sweep"] = sweep_report
+        return result
+
+    def _choose_alpha(self, name: str, spec: str, work: Path, val_suite: str, grid, episodes: int, seeds,
+                      plot_path: str | None) -> tuple[str, dict]:
+        from skillbank import sweep
+        from skillbank.envs.metaworld import parse_suite
+
+        _, _, group = spec.partition(":")
+        group = group.strip().lower() or None
+        if group is not None and group not in groups_mod.GROUPS:
+            raise ValidationError(f"--alpha auto:{group}: unknown group (known: {', '.join(groups_mod.GROUPS)})")
+        with open_source(str(work / "parent")) as ck:
+            names = ck.names
+        assignment = groups_mod.detect_preset(names).assign(names)
+        points = sweep.sweep(work / "parent", work / "finetuned", assignment, parse_suite(val_suite), episodes,
+                             seeds, work / "sweep", tuple(grid or sweep.DEFAULT_GRID), group)
+        best = sweep.choose(points)
+        chosen = format_alphas(sweep.candidate_alphas(best, group)) if group else f"{best:g}"
+        out = Path(plot_path) if plot_path else self.root / "plots" / f"alpha-sweep-{name}.png"
+        sweep.plot(points, out, f"{name}: alpha sweep on {val_suite}" + (f" ({group})" if group else ""))
+        table = [{"alpha": p["alpha"], **{label: r["success_rate"] for label, r in p["results"].items()}}
+                 for p in points]
+        return chosen, {"suite": val_suite, "group": group, "chosen": best, "points": table, "plot": str(out)}
+
+    def evaluate(self, ref: str, suite: str, *, episodes: int = 10, seeds: tuple[int, ...] = (0,),
+                 record: bool = True, options: Options = Options()) -> dict:
+        """Run a Meta-World suite on a version of the reference policy and record the results."""
+        import tempfile
+
+        from skillbank.evaluation import evaluate_checkpoint
+
+        with self.db.read() as s:
+            version = resolve(s, ref, self.head)
+            lineage = self._lineage(s, version)
+        self.store.tmp.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.store.tmp, prefix="eval-") as work:
+            self._materialize(version, Path(work), lineage, None, None, options)
+            results = evaluate_checkpoint(work, suite, episodes, seeds)
+        if record:
+            with self.db.write() as s:
+                for r in results:
+                    s.add(Eval(version_id=version.id, suite=suite, split=r["label"], metric="success_rate",
+                               value=r["success_rate"], episodes=r["episodes"], seed=r["seeds"][0] if len(r["seeds"]) == 1 else None))
+        return {"version": version.label, "suite": suite, "results": results, "recorded": record}
+
     def _target_branch(self, s, head: Head, parent: Version, from_ref: str | None,
                        branch: str | None) -> tuple[str, int | None]:
         """Which branch gets the new version, and the tip it must still have at commit time."""
@@ -344,7 +441,10 @@ class Bank:
         result = {"version": version.label, "digest": version.digest, "ref": ref}
         if out is not None:
             result.update(self._materialize(version, Path(out), lineage, max_shard_size, progress, options))
-        new_head = Head(branch=ref) if is_branch else Head(version=version.id)
+        if ref.strip() == "HEAD":
+            new_head = self.head  # as in git: checking out HEAD leaves it attached where it is
+        else:
+            new_head = Head(branch=ref) if is_branch else Head(version=version.id)
         write_head(self.root, new_head, f"checkout {ref}")
         result["head"] = new_head.describe()
         return result

@@ -59,6 +59,13 @@ def progress_bar(label: str, total: int | None, quiet: bool):
         yield lambda n: bar.advance(task, n)
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers") from None
+
+
 def parse_size(text: str | None) -> int | None:
     if text is None:
         return None
@@ -139,6 +146,17 @@ def _source_size(path: str) -> int | None:
               help="Rules file (GROUP: REGEX per line) for per-group alphas.")
 @click.option("--preset", default=None, help="Parameter-group preset (default: detected from key names).")
 @click.option("--force", is_flag=True, help="Accept a checkpoint that looks unrelated to the parent.")
+@click.option("--steps", type=int, default=None, help="--demos: training steps (built-in trainer).")
+@click.option("--lr", type=float, default=None, help="--demos: learning rate.")
+@click.option("--batch-size", type=int, default=None, help="--demos: batch size.")
+@click.option("--seed", type=int, default=None, help="--demos: training seed.")
+@click.option("--cofinetune", default=None, help="--demos: pretraining demos mixed into every batch.")
+@click.option("--mix", type=float, default=None, help="--demos: share of each batch from --cofinetune.")
+@click.option("--train-cmd", default=None, help="--demos: your trainer, with {parent}, {out}, {demos} filled in.")
+@click.option("--val-suite", default=None, help="--alpha auto: suite whose OOD split picks alpha.")
+@click.option("--episodes", type=int, default=10, show_default=True, help="--alpha auto: episodes per task and seed.")
+@click.option("--seeds", default="0", show_default=True, help="--alpha auto: comma-separated eval seeds.")
+@click.option("--plot", "plot_path", default=None, help="--alpha auto: where to save the sweep plot (PNG).")
 @click.option("--keyframe", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
               help="Keep the new version whole in the store (auto: every 8 steps of a chain).")
 @click.option("-m", "--message", default=None)
@@ -146,18 +164,26 @@ def _source_size(path: str) -> int | None:
 @json_option
 @click.pass_obj
 def add_skill(c: Ctx, name, finetuned, demos, alpha, from_ref, branch, codec, groups_file, preset, force,
+              steps, lr, batch_size, seed, cofinetune, mix, train_cmd, val_suite, episodes, seeds, plot_path,
               keyframe, message, chunk_mb, device, as_json) -> None:
-    """Register a skill, merge it into its parent, and advance the branch."""
+    """Register a skill, merge it into its parent, and advance the branch.
+
+    With --demos, finetune the parent on them first (built-in trainer, or --train-cmd).
+    """
     if bool(finetuned) == bool(demos):
         raise click.UsageError("give exactly one of --finetuned PATH or --demos PATH")
-    if demos:
-        raise SkillbankError("--demos needs the built-in trainer, which this build does not include yet; "
-                             "finetune elsewhere and pass --finetuned PATH")
     bank = c.bank()
-    with progress_bar(f"adding {name}", _source_size(finetuned), as_json) as prog:
-        r = bank.add_skill(name, finetuned, alpha, from_ref=from_ref, branch=branch, codec=codec,
-                           groups=groups_file, preset=preset, force=force, message=message, progress=prog,
-                           options=Options(chunk_mb=chunk_mb, device=device), keyframe=keyframe)
+    common = dict(from_ref=from_ref, branch=branch, codec=codec, groups=groups_file, preset=preset, force=force,
+                  message=message, options=Options(chunk_mb=chunk_mb, device=device), keyframe=keyframe)
+    if demos:
+        settings = {k: v for k, v in dict(steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                                           cofinetune=cofinetune, mix=mix).items() if v is not None}
+        r = bank.add_skill_from_demos(name, demos, alpha, settings=settings, train_cmd=train_cmd,
+                                      val_suite=val_suite, episodes=episodes, seeds=_int_list(seeds),
+                                      plot=plot_path, progress=not as_json, **common)
+    else:
+        with progress_bar(f"adding {name}", _source_size(finetuned), as_json) as prog:
+            r = bank.add_skill(name, finetuned, alpha, progress=prog, **common)
     emit(r, as_json, lambda d: out.print(
         f"{d['version']} on {d['branch']}: {d['skill']} (alpha {d['alpha']}) from {d['parent']}; "
         f"task vector {d['raw_bytes'] / max(d['stored_bytes'], 1):.2f}x smaller with {d['codec']}"))
@@ -283,6 +309,23 @@ def reflog(c: Ctx, ref: str | None, limit: int, as_json: bool) -> None:
     emit(rows, as_json, lambda d: table(None, ["ref", "old", "new", "action", "message", "author", "at"],
                                         [[r["ref"], r["old"], r["new"], r["action"], r["message"], r["author"],
                                           r["created_at"]] for r in d]))
+
+
+@cli.command("eval")
+@click.argument("ref")
+@click.option("--suite", required=True, help="metaworld:TASK[,TASK][?ood=VAR&generalist=mt10|none|t1+t2]")
+@click.option("--episodes", type=int, default=10, show_default=True, help="Episodes per task and seed.")
+@click.option("--seeds", default="0,1,2", show_default=True)
+@click.option("--no-record", is_flag=True, help="Print the results without storing them.")
+@json_option
+@click.pass_obj
+def eval_cmd(c: Ctx, ref, suite, episodes, seeds, no_record, as_json) -> None:
+    """Evaluate a version of the reference policy in Meta-World (ID / OOD / generalist)."""
+    r = c.bank().evaluate(ref, suite, episodes=episodes, seeds=_int_list(seeds), record=not no_record)
+    emit(r, as_json, lambda d: table(f"{d['version']} on {d['suite']}", ["split", "success", "95% CI", "episodes"],
+                                     [[x["label"], f"{x['success_rate']:.3f}",
+                                       f"[{x['ci95'][0]:.2f}, {x['ci95'][1]:.2f}]", x["episodes"]]
+                                      for x in d["results"]]))
 
 
 @cli.command("record-eval")

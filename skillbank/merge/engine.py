@@ -24,10 +24,11 @@ from skillbank.merge.chain import Chain, alpha_for
 from skillbank.merge.methods import METHODS
 from skillbank.merge.plan import DEFAULT_CHUNK_MB, Chunk, Piece, block_view, blocks, plan
 from skillbank.store import ObjectWriter
-from skillbank.tensors import Checkpoint, CheckpointWriter, WeightsDigest, header_bytes
+from skillbank.tensors import Checkpoint, CheckpointWriter, TensorSpec, WeightsDigest, header_bytes
 from skillbank.tensors.writer import as_bytes, canonical
 
-__all__ = ["AddStats", "Options", "add_pass", "blocks", "materialize", "rebuild_piece", "resolve_device"]
+__all__ = ["AddStats", "Options", "add_pass", "blocks", "materialize", "merge_checkpoints", "rebuild_piece",
+           "resolve_device"]
 
 Progress = Callable[[int], None] | None
 T = TypeVar("T")
@@ -208,3 +209,30 @@ def add_pass(parent: Chain, finetuned: Checkpoint, codec: Codec, tv: TaskVectorW
     stats.digest = child_digest.hexdigest()
     stats.finetuned_digest = ft_digest.hexdigest()
     return stats
+
+
+def merge_checkpoints(parent: Checkpoint, finetuned: Checkpoint, method: str, alphas: dict[str, float],
+                      groups: dict[str, str | None], writer: CheckpointWriter, options: Options = Options()) -> str:
+    """Stream `method(parent, finetuned, alpha)` of two checkpoints on disk into `writer`.
+
+    For merges that are tried and thrown away (an alpha sweep): nothing is recorded in a bank.
+    """
+    device = resolve_device(options.device)
+    specs = [TensorSpec(i.name, i.dtype, i.shape) for i in parent]
+
+    def compute(chunk: Chunk) -> list:
+        out = []
+        for piece in chunk.pieces:
+            name = piece.spec.name
+            p = block_view(parent.read(name, piece.first, piece.count), piece.spec)
+            f = block_view(finetuned.read(name, piece.first, piece.count), piece.spec)
+            out.append((piece, _merge(method, p, f, alpha_for(alphas, groups.get(name)), device)))
+        return out
+
+    digest = WeightsDigest(specs)
+    n = options.n_workers
+    for results in pipeline(plan(specs, options.chunk_mb), compute, n, 2 * n):
+        for piece, x in results:
+            digest.update(x)
+            writer.write(piece.spec.name, x)
+    return digest.hexdigest()
