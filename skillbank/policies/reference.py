@@ -215,7 +215,7 @@ class RefPolicy(nn.Module):
                    for name, t in self.state_dict().items()}
         weights = out / WEIGHTS_NAME
         tmp = out / f".{WEIGHTS_NAME}.partial"
-        save_file(tensors, str(tmp), metadata={"format": "pt", "skillbank.policy": POLICY_TYPE})
+        save_file(tensors, str(tmp), metadata={"format": "pt"})  # one key: Rust map order would vary
         os.replace(tmp, weights)
         write_text_atomic(out / CONFIG_NAME, self.config.to_json())
         return weights
