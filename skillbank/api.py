@@ -328,7 +328,7 @@ class Bank:
                 run = finetune(work / "parent", demos, work / "finetuned", TrainSettings.from_dict(settings or {}),
                                progress=progress)
                 weights, trainer = work / "finetuned", run["trainer"]
-                trainer_settings = {"settings": run["settings"], "metrics": run["metrics"]}
+                trainer_settings = {"settings": run["settings"], "metrics": run["metrics"], "demos": run["demos"]}
             sweep_report = None
             if auto:
                 alpha, sweep_report = self._choose_alpha(name, alpha, work, val_suite, sweep_grid, episodes, seeds,

@@ -5,19 +5,38 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, make_url
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
+
+from skillbank.errors import SkillbankError
 
 SQLITE_BUSY_MS = 30_000
 
 
 def make_engine(url: str) -> Engine:
-    if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_MS / 1000})
-        _sqlite_setup(engine)
-        return engine
-    return create_engine(url, pool_pre_ping=True)
+    """An engine for `url`; a URL that cannot be used (malformed, unknown dialect, driver not
+    installed) is the user's to fix, so it fails with one line, not a traceback."""
+    try:
+        if url.startswith("sqlite"):
+            engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_MS / 1000})
+            _sqlite_setup(engine)
+            return engine
+        return create_engine(url, pool_pre_ping=True)
+    except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError) as e:
+        raise SkillbankError(f"cannot use database URL {_shown(url)}: {str(e).strip().splitlines()[0]}") from None
+    except ImportError as e:
+        raise SkillbankError(f"database URL {_shown(url)} needs the Python module {e.name!r}, "
+                             "which is not installed") from None
+
+
+def _shown(url: str) -> str:
+    """The URL for a message, without its password."""
+    try:
+        return repr(make_url(url).render_as_string(hide_password=True))
+    except Exception:
+        return repr(url)
 
 
 def _sqlite_setup(engine: Engine) -> None:

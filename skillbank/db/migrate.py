@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -14,16 +15,35 @@ from sqlalchemy import inspect
 from skillbank.errors import SchemaError
 
 
+def _location() -> str:
+    return str(Path(str(resources.files("skillbank.migrations"))))
+
+
 def _config(engine=None, connection=None) -> Config:
-    location = Path(str(resources.files("skillbank.migrations")))
     cfg = Config()
-    cfg.set_main_option("script_location", str(location))
+    cfg.set_main_option("script_location", _location())
     cfg.attributes["connection"] = connection
     return cfg
 
 
+@lru_cache(maxsize=4)
+def _scripts(location: str) -> tuple[str, frozenset[str]]:
+    """(head revision, every known revision) of the migration scripts at `location`.
+
+    Parsed once per process: every command opens the bank, and the scripts do not change under it.
+    """
+    cfg = Config()
+    cfg.set_main_option("script_location", location)
+    scripts = ScriptDirectory.from_config(cfg)
+    return scripts.get_current_head(), frozenset(s.revision for s in scripts.walk_revisions())
+
+
 def head_revision() -> str:
-    return ScriptDirectory.from_config(_config()).get_current_head()
+    return _scripts(_location())[0]
+
+
+def _known_revisions() -> frozenset[str]:
+    return _scripts(_location())[1]
 
 
 def current_revision(engine) -> str | None:
@@ -31,12 +51,34 @@ def current_revision(engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
+def _state(engine) -> tuple[str | None, bool]:
+    """(current revision, whether the database holds no skillbank tables), on one connection.
+
+    An `alembic_version` table left empty by a downgrade to base does not count as a table."""
+    with engine.connect() as conn:
+        current = MigrationContext.configure(conn).get_current_revision()
+        tables = set(inspect(conn).get_table_names()) - {"alembic_version"}
+    return current, current is None and not tables
+
+
 def is_empty(engine) -> bool:
-    return not inspect(engine).get_table_names()
+    return _state(engine)[1]
+
+
+def _check_upgradable(engine) -> tuple[str | None, bool]:
+    """(current revision, empty) if alembic can start from there; SchemaError with one line if not."""
+    current, empty = _state(engine)
+    if current is None and not empty:
+        raise SchemaError("this database has tables but no skillbank schema version; is it a skillbank bank?")
+    if current is not None and current not in _known_revisions():
+        raise SchemaError(
+            f"database schema {current} is newer than this skillbank knows ({head_revision()}); upgrade skillbank"
+        )
+    return current, empty
 
 
 def upgrade(engine, revision: str = "head") -> tuple[str | None, str]:
-    before = current_revision(engine)
+    before, _ = _check_upgradable(engine)
     with engine.begin() as conn:
         command.upgrade(_config(connection=conn), revision)
     return before, current_revision(engine)
@@ -44,19 +86,13 @@ def upgrade(engine, revision: str = "head") -> tuple[str | None, str]:
 
 def ensure_current(engine) -> None:
     """New database: create it. Older schema: refuse, naming the command that fixes it."""
-    if is_empty(engine):
+    current, empty = _check_upgradable(engine)
+    if empty:
         upgrade(engine)
         return
-    current, head = current_revision(engine), head_revision()
+    head = head_revision()
     if current == head:
         return
-    known = {s.revision for s in ScriptDirectory.from_config(_config()).walk_revisions()}
-    if current is None:
-        raise SchemaError("this database has tables but no skillbank schema version; is it a skillbank bank?")
-    if current not in known:
-        raise SchemaError(
-            f"database schema {current} is newer than this skillbank knows ({head}); upgrade skillbank"
-        )
     raise SchemaError(
         f"database schema is at {current}, this skillbank needs {head}: run `skillbank db upgrade`"
     )
