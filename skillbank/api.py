@@ -87,11 +87,7 @@ class Bank:
     @classmethod
     def open(cls, root: str | os.PathLike, db_url: str | None = None) -> "Bank":
         root = Path(root)
-        marker = root / BANK_FILE
-        if not marker.is_file():
-            raise SkillbankError(f"no bank at {root} (create one with `skillbank init --base PATH`)")
-        info = json.loads(marker.read_text())
-        db = Database(db_url or info.get("db_url") or cls.default_db_url(root))
+        info, db = _bank_database(root, db_url)
         try:
             migrate.ensure_current(db.engine)
             with db.read() as s:
@@ -783,14 +779,18 @@ class Bank:
                 "objects": removed}
 
 
-def upgrade_database(root: str | os.PathLike, db_url: str | None = None) -> dict:
-    """`skillbank db upgrade` must work on exactly the databases that Bank.open refuses."""
-    root = Path(root)
+def _bank_database(root: Path, db_url: str | None) -> tuple[dict, Database]:
+    """The bank's marker file and its database: --db, else the URL given at init, else SQLite inside."""
     marker = root / BANK_FILE
     if not marker.is_file():
-        raise SkillbankError(f"no bank at {root}")
+        raise SkillbankError(f"no bank at {root} (create one with `skillbank init --base PATH`)")
     info = json.loads(marker.read_text())
-    db = Database(db_url or info.get("db_url") or Bank.default_db_url(root))
+    return info, Database(db_url or info.get("db_url") or Bank.default_db_url(root))
+
+
+def upgrade_database(root: str | os.PathLike, db_url: str | None = None) -> dict:
+    """`skillbank db upgrade` must work on exactly the databases that Bank.open refuses."""
+    _, db = _bank_database(Path(root), db_url)
     try:
         before, after = migrate.upgrade(db.engine)
     finally:

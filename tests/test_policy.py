@@ -16,20 +16,7 @@ from skillbank.groups import GROUPS, SKILLBANK_REF, detect_preset
 from skillbank.policies import reference as ref
 from skillbank.policies import RefPolicy, RefPolicyConfig
 
-FAKE = "test-hash-encoder"
-
-
-def _fake_encoder(texts):
-    """A stand-in for MiniLM where the real one is not the point: fixed vector per text."""
-    out = []
-    for t in texts:
-        rng = np.random.default_rng(xxhash.xxh3_64_intdigest(t.encode()))
-        v = rng.standard_normal(384)
-        out.append(v / np.linalg.norm(v))
-    return np.asarray(out, np.float32)
-
-
-ref.register_text_encoder(FAKE, 384, _fake_encoder)
+from fake_encoder import FAKE, fake_encoder as _fake_encoder  # noqa: E402  (registers it)
 
 
 @pytest.fixture(autouse=True)

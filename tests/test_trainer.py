@@ -13,29 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import xxhash
 from safetensors.torch import load_file
 
 from skillbank.errors import SkillbankError
-from skillbank.policies import RefPolicy, RefPolicyConfig, register_text_encoder
+from skillbank.policies import RefPolicy, RefPolicyConfig
 from skillbank.train import trainer as trainer_mod
 from skillbank.train.demos import DemoSet, read_demos, write_demos
 from skillbank.train.finetune import finetune, pretrain, run_train_cmd
 from skillbank.train.trainer import TrainSettings, train_bc
 
-FAKE = "test-hash-encoder"
-
-
-def _fake_encoder(texts):
-    out = []
-    for t in texts:
-        rng = np.random.default_rng(xxhash.xxh3_64_intdigest(t.encode()))
-        v = rng.standard_normal(384)
-        out.append(v / np.linalg.norm(v))
-    return np.asarray(out, np.float32)
-
-
-register_text_encoder(FAKE, 384, _fake_encoder)
+from fake_encoder import FAKE  # noqa: E402  (registers it)
 SMALL = RefPolicyConfig(hidden=64, text_encoder=FAKE)
 QUIET = dict(progress=False)
 
