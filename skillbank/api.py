@@ -591,6 +591,33 @@ class Bank:
             move_branch(s, branch, tip.id, target.id, "rollback", self.author, f"rollback to {ref}")
         return {"branch": branch, "from": tip.label, "to": target.label}
 
+    # ----------------------------------------------------------------- lineage picture
+
+    def graph(self, out: str | None = None) -> dict:
+        """The version DAG with skills, alphas, refs, keyframes and best evals: .mmd, .svg or .png."""
+        from skillbank.lineage.graph import Node, draw, mermaid
+
+        with self.db.read() as s:
+            refs = self._refs_by_version(s)
+            keyframes = set(s.scalars(select(Keyframe.version_id)))
+            evals: dict[int, dict[str, float]] = {}
+            for e in s.scalars(select(Eval)):
+                best = evals.setdefault(e.version_id, {})
+                best[e.split] = max(best.get(e.split, e.value), e.value)
+            nodes = [Node(v.id, v.parent_id, v.skill.name if v.skill else None,
+                          format_alphas(v.alphas) if v.alphas else None, refs.get(v.id, []),
+                          evals.get(v.id, {}), v.id == 0 or v.id in keyframes)
+                     for v in s.scalars(select(Version).order_by(Version.id))]
+        text = mermaid(nodes)
+        if out is None or out.endswith(".mmd"):
+            if out:
+                write_text_atomic(Path(out), text)
+            return {"versions": len(nodes), "out": out, "mermaid": text}
+        if not out.endswith((".svg", ".png")):
+            raise ValidationError(f"--out {out}: expected a .svg, .png or .mmd file")
+        draw(nodes, Path(out))
+        return {"versions": len(nodes), "out": out}
+
     # ----------------------------------------------------------------- evals
 
     def record_eval(self, ref: str, suite: str, split: str, value: float, *, metric: str = "success_rate",

@@ -311,6 +311,17 @@ def reflog(c: Ctx, ref: str | None, limit: int, as_json: bool) -> None:
                                           r["created_at"]] for r in d]))
 
 
+@cli.command()
+@click.option("--out", "out_path", default=None, help="lineage.svg, lineage.png or lineage.mmd (default: Mermaid on stdout).")
+@json_option
+@click.pass_obj
+def graph(c: Ctx, out_path: str | None, as_json: bool) -> None:
+    """Draw the version DAG: skills, alphas, branches, tags, keyframes and eval scores."""
+    r = c.bank().graph(out_path)
+    emit(r, as_json, lambda d: click.echo(d["mermaid"], nl=False) if d["out"] is None
+         else out.print(f"wrote {d['out']} ({d['versions']} versions)"))
+
+
 @cli.command("eval")
 @click.argument("ref")
 @click.option("--suite", required=True, help="metaworld:TASK[,TASK][?ood=VAR&generalist=mt10|none|t1+t2]")
