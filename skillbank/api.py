@@ -31,7 +31,8 @@ from skillbank.db import migrate
 from skillbank.errors import CheckpointError, IntegrityError, RefError, SkillbankError, ValidationError
 from skillbank.lineage import Head, ancestors, create_ref, move_branch, read_head, resolve, write_head
 from skillbank.lineage.refs import check_name
-from skillbank.merge import MANIFEST_FORMAT, Options, add_pass, blocks, manifests_of, materialize, open_chain
+from skillbank.merge import MANIFEST_FORMAT, Options, add_pass, manifests_of, materialize, open_chain
+from skillbank.merge.engine import copy_canonical
 from skillbank.merge.recipe import assign_groups, format_alphas, parse_alpha
 from skillbank.store import ObjectStore
 from skillbank.tensors import Checkpoint, CheckpointWriter, TensorSpec, header_bytes
@@ -159,17 +160,8 @@ class Bank:
     @staticmethod
     def _store_base(store: ObjectStore, ckpt: Checkpoint, progress: Progress) -> str:
         """Stream the base into its canonical single-file form; its object digest is the weights digest."""
-        specs = canonical(_specs_of(ckpt))
         with store.writer() as w:
-            w.write(header_bytes(specs))
-            for spec in specs:
-                for _, first, count in blocks(spec):
-                    x = ckpt.read(spec.name, first, count)
-                    if x.is_floating_point() and not bool(x.isfinite().all()):
-                        raise CheckpointError(f"{ckpt.source}: tensor {spec.name!r} contains NaN or Inf")
-                    w.write(as_bytes(x))
-                    if progress:
-                        progress(x.numel() * x.element_size())
+            copy_canonical(ckpt, w, progress)
             return w.commit()
 
     def close(self) -> None:
@@ -477,7 +469,7 @@ class Bank:
         if manifest.get("config"):
             write_text_atomic(out / "config.json", self.store.get_bytes(manifest["config"]).decode())
         skills = [{"version": e["version"], "name": e["skill"], "alpha": e["alpha"],
-                   "demos_digest": e.get("demos_digest")} for e in lineage[1:]]
+                   "demos_digest": e.get("demos_digest")} for e in lineage[1:] if e.get("skill")]
         write_text_atomic(out / "README.md", model_card(version.label, version.digest, self.id, lineage[0], skills))
         return {"out": str(out), "files": [str(f) for f in files], "verified": True}
 
@@ -486,7 +478,9 @@ class Bank:
         out = []
         for v in chain:
             entry = {"version": v.label, "digest": v.digest}
-            if v.skill is None:
+            if v.skill is None and v.parent_id is not None:
+                entry["merge"] = self._merge_entry(v)
+            elif v.skill is None:
                 entry["source"] = v.source
             else:
                 entry.update(skill=v.skill.name, alpha=format_alphas(v.alphas),
@@ -501,7 +495,7 @@ class Bank:
                 "skill": v.skill.name if v.skill else None,
                 "alpha": format_alphas(v.alphas) if v.alphas else None, "alphas": v.alphas,
                 "digest": v.digest, "created_at": _iso(v.created_at), "author": v.author,
-                "message": v.message, "refs": refs.get(v.id, [])}
+                "message": v.message, "refs": refs.get(v.id, []), **self._row_extra(s, v)}
 
     def _refs_by_version(self, s) -> dict[int, list[str]]:
         out: dict[int, list[str]] = {}
@@ -654,17 +648,16 @@ class Bank:
                 v = by_digest[0]
                 chain = self._lineage_detail(s, v)
                 report.update(match="exact", version=v.label, refs=refs.get(v.id, []),
-                              skills=[{"name": e["skill"], "version": e["version"], "alpha": e["alpha"],
-                                       "alphas": e["alphas"]} for e in chain[1:]],
+                              skills=self._contained_skills(s, v),
                               lineage=chain)
-                return report
+                return self._flag_revoked(report)
             names = match_names([sp.name for sp in specs], list(ckpt.tensors))
             shapes_ok = names is not None and all(
                 math.prod(ckpt.tensors[names[sp.name]].shape) == sp.numel for sp in specs)
             if not shapes_ok:
                 report.update(match="none", version=None, skills=[],
                               reason="its tensors do not match this bank's (names or shapes differ)")
-                return report
+                return self._flag_revoked(report)
             nodes = [VersionNode(v.id, v.parent_id, v.manifest) for v in versions]
             est = estimate(self.store, nodes, ckpt, names, specs, seed)
             skill_of = {v.id: v for v in versions if v.skill is not None}
@@ -677,7 +670,7 @@ class Bank:
                           nearest={"version": f"v{nearest}", "distance": est["distances"][nearest]} if nearest is not None else None,
                           skills=contained if fuzzy else [], residual=est["residual"], samples=est["samples"],
                           renamed=any(k != v_ for k, v_ in names.items()))
-            return report
+            return self._flag_revoked(report)
 
     def _lineage_detail(self, s, version: Version) -> list[dict]:
         out = []
@@ -686,7 +679,9 @@ class Bank:
                      "evals": [{"suite": e.suite, "split": e.split, "metric": e.metric, "value": e.value,
                                 "episodes": e.episodes}
                                for e in s.scalars(select(Eval).where(Eval.version_id == v.id))]}
-            if v.skill is None:
+            if v.skill is None and v.parent_id is not None:
+                entry["merge"] = self._merge_entry(v)
+            elif v.skill is None:
                 entry["base"] = {"source": v.source}
             else:
                 sk, tv = v.skill, v.skill.task_vector
@@ -736,6 +731,561 @@ class Bank:
             if row is not None:
                 s.delete(row)
         return {"version": v.label, "digest": v.digest, "keyframe": False}
+
+    # --- remotes / export
+    #
+    # Objects travel through DVC's filesystem layer (store/remote.py) and keep the store's layout
+    # under the remote's root (objects/ab/...). Every fetched object is hashed before use. A second
+    # machine is a second bank directory on the same database (`clone`), fetching what it lacks.
+
+    def remotes(self) -> list[dict]:
+        from skillbank.store import remote as rm
+
+        conf = rm.load_remotes(self.root)
+        first = rm.default_name(conf)
+        return [{"name": n, "url": c["url"], "default": n == first} for n, c in conf.items()]
+
+    def remote_add(self, name: str, url: str, default: bool = False) -> dict:
+        from skillbank.store import remote as rm
+
+        if not rm.NAME_RE.match(name):
+            raise ValidationError(f"remote name {name!r}: use letters, digits, '.', '_' or '-'")
+        conf = rm.load_remotes(self.root)
+        if name in conf:
+            raise ValidationError(f"remote {name!r} already exists ({conf[name]['url']})")
+        url = rm.normalize_url(url)
+        rm.Remote(name, url).fs  # an unknown scheme or a missing DVC plugin fails now, in one line
+        if default:
+            for c in conf.values():
+                c.pop("default", None)
+        conf[name] = {"url": url, **({"default": True} if default or not conf else {})}
+        rm.save_remotes(self.root, conf)
+        return {"name": name, "url": url, "default": rm.default_name(conf) == name}
+
+    def remote_remove(self, name: str) -> dict:
+        from skillbank.store import remote as rm
+
+        conf = rm.load_remotes(self.root)
+        if name not in conf:
+            raise ValidationError(f"no remote named {name!r}")
+        removed = conf.pop(name)
+        rm.save_remotes(self.root, conf)
+        return {"name": name, "url": removed["url"], "removed": True}
+
+    def _remote(self, name: str | None):
+        from skillbank.store import remote as rm
+
+        conf = rm.load_remotes(self.root)
+        if not conf:
+            raise ValidationError("no remote configured; add one with `skillbank remote add NAME URL`")
+        name = name or rm.default_name(conf)
+        if name not in conf:
+            raise ValidationError(f"no remote named {name!r} (known: {', '.join(conf)})")
+        return rm.Remote(name, conf[name]["url"])
+
+    def _versions_for(self, refs) -> list[Version]:
+        with self.db.read() as s:
+            if refs:
+                return [resolve(s, r, self.head) for r in refs]
+            return list(s.scalars(select(Version).order_by(Version.id)))
+
+    def _objects_for(self, versions: list[Version], ensure: Callable[[str], bool]) -> tuple[list[str], list[str]]:
+        """Every object the versions need to rebuild (content first, manifests base-to-tip), and
+        the keyframes on their chains (optional: a rebuild can always start from the base).
+        `ensure(manifest)` makes a manifest readable, or returns False to skip the rest of that chain."""
+        keyframes = self.keyframes()
+        content: list[str] = []
+        manifests: list[str] = []
+        optional: list[str] = []
+        seen: set[str] = set()
+        # Depth-first, each manifest listed after the manifests it is rebuilt from (post-order):
+        # its parent (unless it is kept whole: `base` set) and, for a delta step, the version its
+        # task vector was encoded against.
+        stack: list[tuple[str, bool]] = [(v.manifest, False) for v in reversed(versions)]
+        while stack:
+            digest, done = stack.pop()
+            if done:
+                manifests.append(digest)
+                continue
+            if digest in seen:
+                continue
+            seen.add(digest)
+            if not ensure(digest):
+                continue
+            m = self.store.get_json(digest)
+            step = m.get("step") or {}
+            for d in (m.get("base"), m.get("config"), m.get("train_config"), step.get("task_vector")):
+                if d and d not in seen:
+                    seen.add(d)
+                    content.append(d)
+            if m.get("digest") in keyframes and m["digest"] not in seen:
+                seen.add(m["digest"])
+                optional.append(m["digest"])
+            stack.append((digest, True))
+            for dep in (None if m.get("base") else m.get("parent_manifest"), step.get("delta_parent_manifest")):
+                if dep and dep not in seen:
+                    stack.append((dep, False))
+        return content + manifests, optional
+
+    def push(self, refs=(), remote: str | None = None) -> dict:
+        """Upload every object the versions need (all versions when none is named) to a remote.
+
+        Content goes before the manifests that name it, so a remote never holds a manifest whose
+        objects are missing; objects the remote already holds (same size) are skipped."""
+        r = self._remote(remote)
+        versions = self._versions_for(refs)
+        absent: list[str] = []  # with no REF: objects of versions added elsewhere and never fetched here
+
+        def available(d: str) -> bool:
+            if self.store.has(d) or r.size(d) is not None:
+                return True
+            if refs:
+                raise IntegrityError(f"object {d} is neither in this bank nor on remote {r.name!r}; "
+                                     "push it from the bank directory that added it")
+            absent.append(d)
+            return False
+
+        needed, optional = self._objects_for(versions, available)
+        uploaded = sent = 0
+        for d in optional:
+            if self.store.has(d):
+                n = r.upload(self.store, d)
+                uploaded, sent = uploaded + (n > 0), sent + n
+        for d in needed:
+            if not self.store.has(d):
+                available(d)  # already on the remote, or recorded as absent (an error for a named REF)
+                continue
+            n = r.upload(self.store, d)
+            uploaded, sent = uploaded + (n > 0), sent + n
+        return {"remote": r.name, "url": r.url, "versions": [v.label for v in versions],
+                "objects": len(needed) + len(optional), "uploaded": uploaded, "bytes": sent,
+                "absent": absent}
+
+    def pull(self, refs=(), remote: str | None = None) -> dict:
+        """Fetch every object the versions need (all when none is named) from a remote, verified."""
+        r = self._remote(remote)
+        versions = self._versions_for(refs)
+        fetched = [0]
+
+        def ensure(d: str) -> bool:
+            if self.store.has(d):
+                return True
+            if not r.fetch(self.store, d):
+                raise IntegrityError(f"object {d} is neither in this bank nor on remote {r.name!r} ({r.url})")
+            fetched[0] += 1
+            return True
+
+        needed, optional = self._objects_for(versions, ensure)
+        for d in needed:
+            ensure(d)
+        for d in optional:
+            if not self.store.has(d) and r.fetch(self.store, d):
+                fetched[0] += 1
+        return {"remote": r.name, "url": r.url, "versions": [v.label for v in versions],
+                "objects": len(needed) + len(optional), "fetched": fetched[0]}
+
+    @classmethod
+    def clone(cls, root: str | os.PathLike, db_url: str, *, remote_url: str | None = None,
+              remote_name: str = "origin") -> tuple["Bank", dict]:
+        """A new bank directory for an existing database (shared PostgreSQL, or a copied SQLite file).
+
+        Writes bank.json with the database's bank_id and URL (without a password) and, optionally,
+        a default remote; objects are then pulled or fetched lazily on checkout."""
+        from sqlalchemy.engine import make_url
+
+        from skillbank.store import remote as rm
+
+        root = Path(root)
+        if (root / BANK_FILE).exists():
+            raise SkillbankError(f"a bank already exists at {root}")
+        if remote_url and not rm.NAME_RE.match(remote_name):
+            raise ValidationError(f"remote name {remote_name!r}: use letters, digits, '.', '_' or '-'")
+        try:
+            parsed = make_url(db_url)
+        except Exception:
+            raise SkillbankError(f"cannot use database URL {db_url!r}") from None
+        if parsed.get_backend_name() == "sqlite":
+            dbfile = parsed.database
+            if not dbfile or dbfile == ":memory:" or not Path(dbfile).is_file():
+                raise SkillbankError(f"no SQLite database at {dbfile or db_url!r}")
+            parsed = parsed.set(database=str(Path(dbfile).resolve()))
+            db_url = parsed.render_as_string(hide_password=False)
+        saved_url = parsed.set(password=None).render_as_string(hide_password=False) if parsed.password else db_url
+        db = Database(db_url)
+        created = not root.exists()
+        try:
+            try:
+                migrate.ensure_current(db.engine)
+                with db.read() as s:
+                    row = s.get(Meta, "bank_id")
+                    branch_names = list(s.scalars(select(Ref.name).where(Ref.kind == "branch").order_by(Ref.name)))
+                    n_versions = s.scalar(select(func.count()).select_from(Version))
+            except (sa_exc.OperationalError, sa_exc.InterfaceError) as e:
+                raise SkillbankError(f"cannot reach the database: {str(e.orig).strip().splitlines()[0]}") from None
+            if row is None:
+                raise SkillbankError(f"the database at {saved_url!r} holds no bank; nothing to clone")
+            remotes = {}
+            if remote_url:
+                remote_url = rm.normalize_url(remote_url)
+                rm.Remote(remote_name, remote_url).fs
+                remotes = {remote_name: {"url": remote_url, "default": True}}
+            ObjectStore(root).create()
+            info = {"format": 1, "bank_id": row.value, "db_url": saved_url}
+            if remotes:
+                info["remotes"] = remotes
+            write_text_atomic(root / BANK_FILE, json.dumps(info, indent=2) + "\n")
+            head = Head(branch="main" if "main" in branch_names or not branch_names else branch_names[0])
+            write_head(root, head, f"clone {saved_url}")
+        except BaseException:
+            db.dispose()
+            if created:
+                shutil.rmtree(root, ignore_errors=True)
+            raise
+        bank = cls(root, db, row.value)
+        return bank, {"bank": row.value, "root": str(root), "db": saved_url, "versions": n_versions,
+                      "branches": branch_names, "head": head.describe(),
+                      "remote": {"name": remote_name, "url": remote_url} if remote_url else None}
+
+    def export(self, ref: str, fmt: str, out: str | os.PathLike, *, max_shard_size: int | None = None,
+               progress: Progress = None, options: Options = Options()) -> dict:
+        """A directory `from_pretrained` (hf) or `lerobot-train --policy.path` (lerobot) accepts."""
+        from skillbank import hub
+
+        if fmt not in ("hf", "lerobot"):
+            raise ValidationError(f"--format {fmt!r}: expected hf or lerobot")
+        out = Path(out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise SkillbankError(f"--out {out} exists and is not an empty directory")
+        with self.db.read() as s:
+            version = resolve(s, ref, self.head)
+            lineage = self._lineage(s, version)
+            details = [{"version": v.label, "skill": v.skill.name, "alpha": format_alphas(v.alphas),
+                        "alphas": v.alphas, "demos_digest": v.skill.demos_digest,
+                        "finetuned_digest": v.skill.finetuned_digest}
+                       for v in reversed(ancestors(s, version)) if v.skill is not None]
+        manifest = self.store.get_json(version.manifest)
+        if fmt == "lerobot" and not manifest.get("config"):
+            raise ValidationError(f"{version.label} has no config.json (its base was not a LeRobot policy "
+                                  "directory); export it with --format hf")
+        shard = max_shard_size or (manifest.get("layout") or {}).get("max_shard_size") or 5 * 10**9
+        created = not out.exists()
+        try:
+            done = self._materialize(version, out, lineage, shard, progress, options)
+            if manifest.get("train_config"):
+                write_text_atomic(out / "train_config.json", self.store.get_bytes(manifest["train_config"]).decode())
+            write_text_atomic(out / "README.md",
+                              hub.export_card(fmt, version.label, version.digest, self.id, lineage, details))
+        except BaseException:
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            else:
+                for p in out.iterdir():
+                    p.unlink() if p.is_file() else shutil.rmtree(p, ignore_errors=True)
+            raise
+        return {"version": version.label, "digest": version.digest, "format": fmt, "out": str(out),
+                "files": sorted(p.name for p in out.iterdir()), "shards": len(done["files"]),
+                "base_model": hub.base_model_of(lineage), "verified": True}
+
+    def push_hub(self, ref: str, target: str, *, revision: str | None = None, fmt: str = "hf",
+                 max_shard_size: int | None = None, progress: Progress = None,
+                 options: Options = Options()) -> dict:
+        """Export REF and upload it to hf://ORG/NAME: one commit naming the version, tag skillbank-vN."""
+        import tempfile
+
+        from skillbank import hub
+
+        repo_id = hub.parse_target(target)
+        version = self.resolve(ref)
+        hub.check_online(target)  # before any work: offline leaves nothing behind
+        self.store.tmp.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.store.tmp, prefix="hub-") as work:
+            folder = Path(work) / "export"
+            exported = self.export(version.label, fmt, folder, max_shard_size=max_shard_size,
+                                   progress=progress, options=options)
+            with self.db.read() as s:
+                v = s.get(Version, version.id)
+                what = f"skill {v.skill.name} (alpha {format_alphas(v.alphas)})" if v.skill else "base"
+            tag = f"skillbank-{version.label}"
+            result = hub.upload(folder, repo_id, target, revision=revision,
+                                commit_message=f"skillbank {version.label}: {what}, digest {version.digest}",
+                                tag=tag, tag_message=f"skillbank {version.label} of bank {self.id}, "
+                                                     f"digest {version.digest}")
+        result.update(version=version.label, digest=version.digest, format=fmt, files=exported["files"],
+                      base_model=exported["base_model"])
+        return result
+
+    # --- revoke / rebuild / merge
+
+    def revoke(self, skill: str, reason: str) -> dict:
+        """Withdraw a skill by name: every version that contains it stays, but `audit` flags it."""
+        from skillbank.db import Revocation
+
+        if not reason or not reason.strip():
+            raise ValidationError("--reason is required: say why the skill is revoked")
+        with self.db.write() as s:
+            versions = s.scalars(select(Version.id).join(Skill, Version.skill_id == Skill.id)
+                                 .where(Skill.name == skill).order_by(Version.id)).all()
+            if not versions:
+                raise ValidationError(f"no skill named {skill!r} in this bank")
+            existing = s.get(Revocation, skill)
+            if existing is not None:
+                raise ValidationError(f"skill {skill!r} was already revoked by {existing.author} "
+                                      f"at {_iso(existing.created_at)}: {existing.reason}")
+            row = Revocation(skill_name=skill, reason=reason.strip(), author=self.author)
+            s.add(row)
+            s.flush()
+            at = _iso(row.created_at)
+        return {"skill": skill, "reason": reason.strip(), "author": self.author, "revoked_at": at,
+                "versions": [f"v{v}" for v in versions]}
+
+    def revocations(self) -> dict[str, dict]:
+        from skillbank.db import Revocation
+
+        with self.db.read() as s:
+            return {r.skill_name: {"reason": r.reason, "author": r.author, "revoked_at": _iso(r.created_at)}
+                    for r in s.scalars(select(Revocation))}
+
+    def _flag_revoked(self, report: dict) -> dict:
+        """Add `revoked`: the skills of an audit report that have been revoked (empty when none)."""
+        revoked = self.revocations()
+        report["revoked"] = [{"name": sk["name"], "version": sk.get("version"), **revoked[sk["name"]]}
+                             for sk in report.get("skills", []) if sk["name"] in revoked]
+        return report
+
+    def rebuild_without(self, ref: str, skill: str, branch: str | None = None, progress: Progress = None,
+                        options: Options = Options()) -> dict:
+        """Replay REF's chain without `skill` onto a new branch.
+
+        The versions before the skill's first occurrence are kept. Every later step is replayed as
+        an additive delta: its task vector (learned on top of the removed skill, encoded against
+        the ORIGINAL parent) is decoded against that original parent and `alpha * tau` is added to
+        the new parent. Each replayed version records `rebuilt_from` (the original version), keeps
+        its skill row and alphas, and has no evals: they must be re-run.
+        """
+        from skillbank.merge.chain import Step
+        from skillbank.merge.engine import replay_digests
+        from skillbank.codecs import TaskVectorReader
+
+        branch = branch or f"rebuild-without-{skill}"
+        check_name(branch, "branch")
+        with self.db.read() as s:
+            tip = resolve(s, ref, self.head)
+            if s.get(Ref, branch) is not None:
+                raise RefError(f"{branch!r} already exists; pass --branch NAME for the rebuilt chain")
+            chain_versions = list(reversed(ancestors(s, tip)))  # base first
+            hits = [i for i, v in enumerate(chain_versions) if v.skill is not None and v.skill.name == skill]
+            if not hits:
+                raise ValidationError(f"{tip.label} does not contain skill {skill!r}")
+            start = chain_versions[hits[0] - 1]
+            replay = [v for v in chain_versions[hits[0]:] if not (v.skill is not None and v.skill.name == skill)]
+            for v in replay:
+                if v.skill is None or v.second_parent_id is not None:
+                    raise ValidationError(f"{v.label} is a branch merge; rebuild --without replays "
+                                          "single-skill steps only (rebuild each branch, then merge again)")
+            replay_info = [(v.id, v.label, v.manifest, v.skill_id, v.skill.name, v.method, v.alphas,
+                            v.group_preset, v.n_params, v.n_bytes) for v in replay]
+        steps = []
+        for v_id, label, manifest, *_ in replay_info:
+            m = self.store.get_json(manifest)
+            step = m["step"]
+            encoded_against = step.get("delta_parent_manifest") or m["parent_manifest"]
+            steps.append({"method": step["method"], "apply": "delta", "task_vector": step["task_vector"],
+                          "alphas": step["alphas"], "groups": step["groups"], "codec": step.get("codec"),
+                          "delta_parent_manifest": encoded_against})
+        digests: list[str] = []
+        if steps:
+            keyframes = self.keyframes()
+            pool: dict = {}  # every reader opened once, shared by the new chain and the original ones
+            try:
+                chain = open_chain(self.store, start.manifest, keyframes, pool)
+                first = len(chain.steps)
+                for st in steps:
+                    key = ("tv", st["task_vector"])
+                    if key not in pool:
+                        pool[key] = TaskVectorReader(self.store, st["task_vector"])
+                    original = open_chain(self.store, st["delta_parent_manifest"], keyframes, pool)
+                    chain.steps.append(Step(st["method"], pool[key], st["alphas"], st["groups"], "delta",
+                                            original, None))
+                digests = replay_digests(chain, first, progress, options)
+            finally:
+                for c in pool.values():
+                    c.close()
+        start_manifest = self.store.get_json(start.manifest)
+        parent_manifest, created = start.manifest, []
+        for (v_id, label, manifest, *_), st, digest in zip(replay_info, steps, digests):
+            parent_manifest = self.store.put_json({
+                "format": MANIFEST_FORMAT, "tensors": start_manifest["tensors"], "base": None, "digest": digest,
+                "parent_manifest": parent_manifest, "config": start_manifest.get("config"),
+                "layout": start_manifest.get("layout"), "step": st, "rebuilt_from": manifest,
+            })
+            created.append(parent_manifest)
+        versions: list[dict] = []
+        for attempt in range(20):
+            try:
+                with self.db.write() as s:
+                    vid = s.scalar(select(func.max(Version.id))) or 0
+                    parent_id, versions = start.id, []
+                    for (v_id, label, _, skill_id, name, method, alphas, preset, n_params, n_bytes), \
+                            manifest, digest in zip(replay_info, created, digests):
+                        vid += 1
+                        s.add(Version(id=vid, parent_id=parent_id, skill_id=skill_id, method=method, alphas=alphas,
+                                      group_preset=preset, digest=digest, manifest=manifest, source=None,
+                                      n_params=n_params, n_bytes=n_bytes, author=self.author,
+                                      rebuilt_from_id=v_id,
+                                      message=f"{name} replayed from {label} without {skill}: its task vector "
+                                              f"was learned on top of {skill} and is re-applied as stored; "
+                                              "evals must be re-run"))
+                        s.flush()
+                        versions.append({"version": f"v{vid}", "parent": f"v{parent_id}", "skill": name,
+                                         "rebuilt_from": label, "digest": digest})
+                        parent_id = vid
+                    create_ref(s, branch, "branch", parent_id, "rebuild",
+                               self.author, f"rebuild {tip.label} without {skill}")
+                break
+            except sa_exc.IntegrityError:
+                if attempt == 19:
+                    raise
+        return {"branch": branch, "from": tip.label, "without": skill, "kept_base": start.label,
+                "version": f"v{parent_id}", "versions": versions}
+
+    def merge_branches(self, ref_a: str, ref_b: str, method: str = "task-arithmetic", *,
+                       branch: str | None = None, weights: tuple[float, float] = (1.0, 1.0),
+                       params: dict | None = None, message: str | None = None, progress: Progress = None,
+                       options: Options = Options()) -> dict:
+        """Combine the skills added on two branches since their common ancestor.
+
+        The result is stored whole (a keyframe: the canonical serialisation whose digest is the
+        version's digest), so it and its descendants rebuild from it; it records both parents.
+        """
+        from skillbank.db import Keyframe as _Keyframe
+        from skillbank.merge.engine import combine_pass
+        from skillbank.merge.methods import COMBINE_DEFAULTS, COMBINERS
+
+        if method not in COMBINERS:
+            raise ValidationError(f"unknown merge method {method!r} (known: {', '.join(sorted(COMBINERS))})")
+        weights = tuple(float(w) for w in weights)
+        if len(weights) != 2 or not all(math.isfinite(w) for w in weights):
+            raise ValidationError("--weights: two finite numbers, one per branch")
+        p = {**COMBINE_DEFAULTS[method], **(params or {})}
+        if method == "ties" and not 0.0 < float(p["density"]) <= 1.0:
+            raise ValidationError("--density must be in (0, 1]")
+        if method == "dare" and not 0.0 <= float(p["drop"]) < 1.0:
+            raise ValidationError("--drop must be in [0, 1)")
+        head = self.head
+        with self.db.read() as s:
+            a, b = resolve(s, ref_a, head), resolve(s, ref_b, head)
+            anc = self._common_ancestor(s, a, b)
+            if anc is None:
+                raise ValidationError(f"{a.label} and {b.label} have no common ancestor")
+            if anc.id in (a.id, b.id):
+                inner, outer = (a, b) if anc.id == a.id else (b, a)
+                raise ValidationError(f"{inner.label} is an ancestor of {outer.label}: nothing to combine "
+                                      f"(move the branch instead)")
+            if branch is None:
+                r = s.get(Ref, ref_a)
+                if r is None or r.kind != "branch":
+                    raise RefError(f"{ref_a!r} is not a branch; pass --branch NAME to hold the merge")
+                branch = ref_a
+            check_name(branch, "branch")
+            target = s.get(Ref, branch)
+            if target is not None and (target.kind != "branch" or target.version_id != a.id):
+                raise RefError(f"{branch!r} is at v{target.version_id}, not at {a.label}; name a new branch")
+            expected = target.version_id if target is not None else None
+            sides_skills = [[v.skill.name for v in reversed(ancestors(s, x))
+                             if v.id > anc.id and v.skill is not None] for x in (a, b)]
+            n_params, n_bytes = a.n_params, a.n_bytes
+        keyframes = self.keyframes()
+        chains = []
+        keep = self.store.writer()
+        try:
+            for v in (anc, a, b):
+                chains.append(open_chain(self.store, v.manifest, keyframes))
+            digest = combine_pass(chains[0], chains[1:], method, list(weights), p, keep, progress, options)
+            if keep.commit() != digest:
+                raise IntegrityError("the merged object's digest differs from its weights digest")
+        except BaseException:
+            keep.abort()
+            raise
+        finally:
+            for c in chains:
+                c.close()
+        a_manifest = self.store.get_json(a.manifest)
+        recipe = {"method": method, "weights": list(weights), "params": p, "ancestor": anc.label,
+                  "ancestor_manifest": anc.manifest, "parents": [a.label, b.label]}
+        manifest = self.store.put_json({
+            "format": MANIFEST_FORMAT, "tensors": a_manifest["tensors"], "base": digest, "digest": digest,
+            "parent_manifest": None, "parents": [a.manifest, b.manifest], "config": a_manifest.get("config"),
+            "layout": a_manifest.get("layout"), "step": None, "merge": recipe,
+        })
+        msg = message or (f"merge {ref_b} into {ref_a} ({method}) since {anc.label}: "
+                          f"{', '.join(sides_skills[0]) or '-'} + {', '.join(sides_skills[1]) or '-'}")
+        for attempt in range(20):
+            try:
+                with self.db.write() as s:
+                    vid = (s.scalar(select(func.max(Version.id))) or 0) + 1
+                    s.add(Version(id=vid, parent_id=a.id, second_parent_id=b.id, skill_id=None,
+                                  method=f"merge:{method}", alphas=None, group_preset=None, digest=digest,
+                                  manifest=manifest, source=None, n_params=n_params, n_bytes=n_bytes,
+                                  author=self.author, message=msg))
+                    s.flush()
+                    s.add(_Keyframe(version_id=vid, reason="merge"))
+                    if expected is None:
+                        create_ref(s, branch, "branch", vid, "merge", self.author, msg)
+                    else:
+                        move_branch(s, branch, expected, vid, "merge", self.author, msg)
+                break
+            except sa_exc.IntegrityError:
+                if attempt == 19:
+                    raise
+        return {"version": f"v{vid}", "parents": [a.label, b.label], "ancestor": anc.label, "branch": branch,
+                "method": method, "weights": list(weights), "params": p, "digest": digest,
+                "skills": {"a": sides_skills[0], "b": sides_skills[1]}}
+
+    def _row_extra(self, s, v: Version) -> dict:
+        """What log/show add for revocations, branch merges and rebuilt versions."""
+        from skillbank.db import Revocation
+
+        r = s.get(Revocation, v.skill.name) if v.skill is not None else None
+        return {"revoked": r is not None, "revoked_reason": r.reason if r is not None else None,
+                "second_parent": f"v{v.second_parent_id}" if v.second_parent_id is not None else None,
+                "rebuilt_from": f"v{v.rebuilt_from_id}" if v.rebuilt_from_id is not None else None}
+
+    def _merge_entry(self, v: Version) -> dict:
+        m = self.store.get_json(v.manifest).get("merge") or {}
+        return {"method": m.get("method", v.method), "parents": [f"v{v.parent_id}", f"v{v.second_parent_id}"],
+                "ancestor": m.get("ancestor"), "weights": m.get("weights"), "params": m.get("params")}
+
+    def _contained_skills(self, s, v: Version) -> list[dict]:
+        """Every skill version reachable from `v` through first and second parents, oldest first."""
+        seen, todo, found = set(), [v.id], []
+        while todo:
+            vid = todo.pop()
+            if vid in seen:
+                continue
+            seen.add(vid)
+            row = s.get(Version, vid)
+            if row.skill is not None:
+                found.append(row)
+            todo += [p for p in (row.parent_id, row.second_parent_id) if p is not None]
+        return [{"name": x.skill.name, "version": x.label, "alpha": format_alphas(x.alphas), "alphas": x.alphas}
+                for x in sorted(found, key=lambda x: x.id)]
+
+    @staticmethod
+    def _common_ancestor(s, a: Version, b: Version) -> Version | None:
+        """The newest version reachable from both (through first and second parents)."""
+        def reach(v: Version) -> set[int]:
+            seen, todo = set(), [v.id]
+            while todo:
+                vid = todo.pop()
+                if vid in seen:
+                    continue
+                seen.add(vid)
+                row = s.get(Version, vid)
+                todo += [p for p in (row.parent_id, row.second_parent_id) if p is not None]
+            return seen
+
+        common = reach(a) & reach(b)
+        return s.get(Version, max(common)) if common else None
 
     # ----------------------------------------------------------------- upkeep
 

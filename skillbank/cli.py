@@ -220,7 +220,9 @@ def log(c: Ctx, ref: str | None, as_json: bool) -> None:
     """History from REF (default HEAD) back to the base, newest first."""
     rows = c.bank().log(ref)
     emit(rows, as_json, lambda d: table(None, ["version", "parent", "skill", "alpha", "digest", "refs", "created"],
-                                        [[r["version"], r["parent"], r["skill"] or "(base)", r["alpha"],
+                                        [[r["version"], (r["parent"] or "") + (f"+{r['second_parent']}" if r.get("second_parent") else ""),
+                                          (r["skill"] + (" (revoked)" if r.get("revoked") else "")) if r["skill"]
+                                          else "(merge)" if r.get("second_parent") else "(base)", r["alpha"],
                                           r["digest"][:12], ", ".join(r["refs"]), r["created_at"]] for r in d]))
 
 
@@ -234,6 +236,12 @@ def show(c: Ctx, ref: str, as_json: bool) -> None:
 
     def render(d):
         out.print(f"[bold]{d['version']}[/bold]  parent {d['parent']}  digest {d['digest']}")
+        if d.get("second_parent"):
+            out.print(f"  merge: second parent {d['second_parent']}")
+        if d.get("rebuilt_from"):
+            out.print(f"  rebuilt from {d['rebuilt_from']} (a skill below was removed; evals must be re-run)")
+        if d.get("revoked"):
+            out.print(f"  [red]REVOKED[/red] skill: {d['revoked_reason']}")
         out.print(f"  refs: {', '.join(d['refs']) or '-'}   author: {d['author']}   at {d['created_at']}")
         out.print(f"  {d['params']:,} parameters, {d['bytes']:,} bytes; method {d['method']}")
         if d.get("source"):
@@ -360,14 +368,18 @@ def record_eval(c: Ctx, ref, suite, split, value, metric, episodes, seed, as_jso
 @click.option("--require-skill", multiple=True, help="Exit 3 unless the checkpoint contains this skill.")
 @click.option("--forbid-skill", multiple=True, help="Exit 3 if the checkpoint contains this skill.")
 @click.option("--min-alpha", default=0.05, show_default=True, help="Smallest estimated alpha that counts as containing a skill.")
+@click.option("--forbid-revoked", is_flag=True, help="Exit 3 if the checkpoint contains a revoked skill.")
 @json_option
 @click.pass_obj
-def audit(c: Ctx, path: str, require_skill, forbid_skill, min_alpha: float, as_json: bool) -> None:
+def audit(c: Ctx, path: str, require_skill, forbid_skill, min_alpha: float, forbid_revoked: bool,
+          as_json: bool) -> None:
     """Which version and skills a checkpoint contains (exact by digest, else estimated)."""
     r = c.bank().audit(path, min_alpha=min_alpha)
     held = {sk["name"] for sk in r["skills"]}
     failures = [f"required skill {n!r} is not in the checkpoint" for n in require_skill if n not in held]
     failures += [f"forbidden skill {n!r} is in the checkpoint" for n in forbid_skill if n in held]
+    if forbid_revoked:
+        failures += [f"revoked skill {x['name']!r} is in the checkpoint ({x['reason']})" for x in r.get("revoked", [])]
     r["gate"] = {"ok": not failures, "failures": failures}
 
     def render(d):
@@ -387,6 +399,9 @@ def audit(c: Ctx, path: str, require_skill, forbid_skill, min_alpha: float, as_j
             out.print("none: " + (d.get("reason") or f"nearest {near['version']} at relative distance "
                                   f"{near['distance']:.3g}, {d['residual']:.1%} unexplained"))
     emit(r, as_json, render)
+    if not forbid_revoked:
+        for x in r.get("revoked", []):
+            click.echo(f"warning: the checkpoint contains revoked skill {x['name']!r} ({x['reason']})", err=True)
     for f in failures:
         click.echo(f"audit gate: {f}", err=True)
     if failures:
@@ -454,6 +469,212 @@ def db_upgrade(c: Ctx, as_json: bool) -> None:
     """Migrate the bank's database to this skillbank's schema."""
     r = upgrade_database(c.bank_dir, c.db_url)
     emit(r, as_json, lambda d: out.print(f"database schema: {d['from']} -> {d['to']}"))
+
+
+# --- remotes / export: DVC remotes for objects, a second bank directory, Hugging Face Hub
+
+@cli.group(invoke_without_command=True)
+@json_option
+@click.pass_context
+def remote(ctx: click.Context, as_json: bool) -> None:
+    """Object remotes (any DVC remote URL); `remote` alone lists them."""
+    if ctx.invoked_subcommand is None:
+        _remote_list(ctx.obj, as_json)
+
+
+def _remote_list(c: Ctx, as_json: bool) -> None:
+    emit(c.bank().remotes(), as_json, lambda d: table(None, ["", "remote", "url"],
+                                                     [["*" if r["default"] else "", r["name"], r["url"]] for r in d]))
+
+
+@remote.command("list")
+@json_option
+@click.pass_obj
+def remote_list(c: Ctx, as_json: bool) -> None:
+    """List the remotes (the default one is starred)."""
+    _remote_list(c, as_json)
+
+
+@remote.command("add")
+@click.argument("name")
+@click.argument("url")
+@click.option("--default", "make_default", is_flag=True, help="Make it the default (the first one added is).")
+@json_option
+@click.pass_obj
+def remote_add(c: Ctx, name: str, url: str, make_default: bool, as_json: bool) -> None:
+    """Add a remote: a local directory, s3://, gs://, azure://, ssh://, ... (through DVC)."""
+    r = c.bank().remote_add(name, url, make_default)
+    emit(r, as_json, lambda d: out.print(f"added remote {d['name']} -> {d['url']}" + (" (default)" if d["default"] else "")))
+
+
+@remote.command("remove")
+@click.argument("name")
+@json_option
+@click.pass_obj
+def remote_remove(c: Ctx, name: str, as_json: bool) -> None:
+    """Forget a remote (its objects stay where they are)."""
+    r = c.bank().remote_remove(name)
+    emit(r, as_json, lambda d: out.print(f"removed remote {d['name']}"))
+
+
+@cli.command()
+@click.argument("args", nargs=-1)
+@click.option("--remote", "remote_name", default=None, help="Remote to push to (default: the default remote).")
+@click.option("--revision", default=None, help="hf:// targets: the branch to commit to (default main).")
+@click.option("--format", "fmt", type=click.Choice(["hf", "lerobot"]), default="hf", show_default=True,
+              help="hf:// targets: the export layout.")
+@click.option("--max-shard-size", default=None, help="hf:// targets: shard size, e.g. 5GB.")
+@engine_options
+@json_option
+@click.pass_obj
+def push(c: Ctx, args, remote_name, revision, fmt, max_shard_size, chunk_mb, device, as_json) -> None:
+    """push [REF...] [--remote NAME]: upload the objects the versions need (all when none is named).
+
+    push REF hf://ORG/NAME [--revision BRANCH]: export REF and upload it to the Hugging Face Hub,
+    tagged skillbank-vN."""
+    targets = [a for a in args if a.startswith("hf://")]
+    refs = [a for a in args if not a.startswith("hf://")]
+    bank = c.bank()
+    if targets:
+        if len(targets) != 1 or len(refs) != 1 or remote_name:
+            raise click.UsageError("push REF hf://ORG/NAME: one version, one hub repository, no --remote")
+        r = bank.push_hub(refs[0], targets[0], revision=revision, fmt=fmt, max_shard_size=parse_size(max_shard_size),
+                          options=Options(chunk_mb=chunk_mb, device=device))
+        emit(r, as_json, lambda d: out.print(f"pushed {d['version']} to hf://{d['repo']}@{d['revision']} "
+                                             f"(commit {d['commit']}, tag {d['tag']})"))
+        return
+    if revision:
+        raise click.UsageError("--revision is for hf:// targets")
+    r = bank.push(refs, remote_name)
+    emit(r, as_json, lambda d: out.print(f"pushed {len(d['versions'])} version(s) to {d['remote']}: "
+                                         f"{d['uploaded']} of {d['objects']} object(s) uploaded, {d['bytes']:,} bytes"
+                                         + (f"; {len(d['absent'])} object(s) of versions added elsewhere are in "
+                                            "neither place (push them from there)" if d["absent"] else "")))
+
+
+@cli.command()
+@click.argument("refs", nargs=-1)
+@click.option("--remote", "remote_name", default=None, help="Remote to pull from (default: the default remote).")
+@json_option
+@click.pass_obj
+def pull(c: Ctx, refs, remote_name, as_json) -> None:
+    """Fetch the objects REF needs (every version when none is named); each is verified."""
+    r = c.bank().pull(refs, remote_name)
+    emit(r, as_json, lambda d: out.print(f"pulled {len(d['versions'])} version(s) from {d['remote']}: "
+                                         f"{d['fetched']} of {d['objects']} object(s) fetched and verified"))
+
+
+@cli.command()
+@click.argument("directory", required=False)
+@click.option("--db", "clone_db", default=None, help="The existing bank's database (default: the global --db).")
+@click.option("--remote", "remote_url", default=None, help="Object remote URL, added as the default remote.")
+@click.option("--remote-name", default="origin", show_default=True)
+@json_option
+@click.pass_obj
+def clone(c: Ctx, directory, clone_db, remote_url, remote_name, as_json) -> None:
+    """A new bank directory (DIRECTORY, default --bank) for an existing database, e.g. on a second machine."""
+    url = clone_db or c.db_url
+    if not url:
+        raise click.UsageError("clone needs the existing bank's database: --db URL")
+    bank, r = Bank.clone(directory or c.bank_dir, url, remote_url=remote_url, remote_name=remote_name)
+    bank.close()
+    emit(r, as_json, lambda d: out.print(
+        f"cloned bank {d['bank']} into {d['root']}: {d['versions']} version(s), HEAD {d['head']}"
+        + (f", remote {d['remote']['name']} -> {d['remote']['url']}" if d["remote"] else "")))
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--format", "fmt", type=click.Choice(["hf", "lerobot"]), default="hf", show_default=True)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="A new or empty directory.")
+@click.option("--max-shard-size", default=None, help="Shard the weights, e.g. 5GB (default: as the base, else 5GB).")
+@engine_options
+@json_option
+@click.pass_obj
+def export(c: Ctx, ref, fmt, out_dir, max_shard_size, chunk_mb, device, as_json) -> None:
+    """Write REF as a Hugging Face / LeRobot model directory (config.json, safetensors, model card)."""
+    bank = c.bank()
+    with progress_bar(f"exporting {ref}", bank.resolve(ref).n_bytes, as_json) as prog:
+        r = bank.export(ref, fmt, out_dir, max_shard_size=parse_size(max_shard_size), progress=prog,
+                        options=Options(chunk_mb=chunk_mb, device=device))
+    emit(r, as_json, lambda d: out.print(f"exported {d['version']} ({d['format']}) to {d['out']}: "
+                                         f"{', '.join(d['files'])}; digest {d['digest'][:12]} verified"))
+
+
+# --- revoke / rebuild / merge
+
+@cli.command()
+@click.argument("skill")
+@click.option("--reason", required=True, help="Why the skill is withdrawn (shown by audit, log and show).")
+@json_option
+@click.pass_obj
+def revoke(c: Ctx, skill: str, reason: str, as_json: bool) -> None:
+    """Revoke SKILL: audit flags every checkpoint that contains it (see also --forbid-revoked)."""
+    r = c.bank().revoke(skill, reason)
+    emit(r, as_json, lambda d: out.print(f"revoked {d['skill']} ({len(d['versions'])} version(s): "
+                                         f"{', '.join(d['versions'])}): {d['reason']}"))
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--without", "skill", required=True, help="The skill to leave out.")
+@click.option("--branch", "branch_name", default=None, help="New branch (default rebuild-without-SKILL).")
+@engine_options
+@json_option
+@click.pass_obj
+def rebuild(c: Ctx, ref: str, skill: str, branch_name: str | None, chunk_mb: float, device: str,
+            as_json: bool) -> None:
+    """Replay REF's chain without SKILL onto a new branch (later task vectors re-applied as stored)."""
+    bank = c.bank()
+    with progress_bar(f"rebuilding {ref} without {skill}", bank.resolve(ref).n_bytes, as_json) as prog:
+        r = bank.rebuild_without(ref, skill, branch_name, prog, Options(chunk_mb=chunk_mb, device=device))
+
+    def render(d):
+        out.print(f"{d['branch']} at {d['version']}: {d['from']} without {d['without']} "
+                  f"(kept up to {d['kept_base']}, {len(d['versions'])} version(s) replayed)")
+        for v in d["versions"]:
+            out.print(f"  {v['version']}: {v['skill']} (from {v['rebuilt_from']}), evals to be re-run")
+    emit(r, as_json, render)
+
+
+def _weights(text: str) -> tuple[float, float]:
+    try:
+        w = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected two numbers like 1,1") from None
+    if len(w) != 2:
+        raise click.BadParameter(f"{text!r}: expected two numbers like 1,1")
+    return w
+
+
+@cli.command("merge")
+@click.argument("branch_a")
+@click.argument("branch_b")
+@click.option("--method", type=click.Choice(["task-arithmetic", "ties", "dare"]), default="task-arithmetic",
+              show_default=True)
+@click.option("--branch", "branch_name", default=None, help="Branch to hold the merge (default BRANCH_A).")
+@click.option("--weights", default="1,1", show_default=True, help="Weight of each side's task vector: A,B.")
+@click.option("--density", type=float, default=None, help="ties: share of each task vector kept (0.2).")
+@click.option("--scale", type=float, default=None, help="ties: scale of the merged task vector (1).")
+@click.option("--drop", type=float, default=None, help="dare: drop probability (0.5).")
+@click.option("--seed", type=int, default=None, help="dare: seed of the drop mask (0).")
+@click.option("-m", "--message", default=None)
+@engine_options
+@json_option
+@click.pass_obj
+def merge_cmd(c: Ctx, branch_a, branch_b, method, branch_name, weights, density, scale, drop, seed, message,
+              chunk_mb, device, as_json) -> None:
+    """Combine the skills added on two branches since their common ancestor (two parents)."""
+    params = {k: v for k, v in dict(density=density, scale=scale, drop=drop, seed=seed).items() if v is not None}
+    bank = c.bank()
+    with progress_bar(f"merging {branch_b} into {branch_a}", bank.resolve(branch_a).n_bytes, as_json) as prog:
+        r = bank.merge_branches(branch_a, branch_b, method, branch=branch_name, weights=_weights(weights),
+                                params=params, message=message, progress=prog,
+                                options=Options(chunk_mb=chunk_mb, device=device))
+    emit(r, as_json, lambda d: out.print(
+        f"{d['version']} on {d['branch']}: {d['method']} merge of {d['parents'][0]} "
+        f"({', '.join(d['skills']['a']) or '-'}) and {d['parents'][1]} ({', '.join(d['skills']['b']) or '-'}) "
+        f"since {d['ancestor']}"))
 
 
 def main() -> None:

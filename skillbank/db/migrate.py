@@ -79,8 +79,25 @@ def _check_upgradable(engine) -> tuple[str | None, bool]:
 
 def upgrade(engine, revision: str = "head") -> tuple[str | None, str]:
     before, _ = _check_upgradable(engine)
-    with engine.begin() as conn:
-        command.upgrade(_config(connection=conn), revision)
+    with engine.connect() as conn:
+        raw = conn.connection.dbapi_connection if conn.dialect.name == "sqlite" else None
+        if raw is not None:
+            # SQLite batch migrations rebuild a table (copy, drop, rename); with foreign keys on,
+            # dropping a table other rows point at fails. The pragma only works outside a
+            # transaction, so it is set on the driver connection before alembic's begins, and the
+            # keys are checked before the commit (SQLite's documented ALTER TABLE procedure).
+            raw.execute("PRAGMA foreign_keys=OFF")
+        try:
+            with conn.begin():
+                command.upgrade(_config(connection=conn), revision)
+                if raw is not None:
+                    bad = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                    if bad:
+                        raise SchemaError(f"migration left {len(bad)} dangling foreign key(s) "
+                                          f"(first in table {bad[0][0]!r}); nothing was changed")
+        finally:
+            if raw is not None:
+                raw.execute("PRAGMA foreign_keys=ON")
     return before, current_revision(engine)
 
 

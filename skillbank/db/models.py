@@ -49,8 +49,12 @@ class Version(Base):
     author: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     message: Mapped[str | None] = mapped_column(Text)
+    # A branch merge has two parents; `parent_id` is the first (the one `log` follows).
+    second_parent_id: Mapped[int | None] = mapped_column(ForeignKey("versions.id"))
+    # A version replayed by `rebuild --without`: the version whose step it re-applies.
+    rebuilt_from_id: Mapped[int | None] = mapped_column(ForeignKey("versions.id"))
 
-    parent: Mapped["Version | None"] = relationship(remote_side=[id])
+    parent: Mapped["Version | None"] = relationship(remote_side=[id], foreign_keys=[parent_id])
     skill: Mapped["Skill | None"] = relationship(foreign_keys=[skill_id])
 
     @property
@@ -135,4 +139,17 @@ class Keyframe(Base):
     __tablename__ = "keyframes"
     version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"), primary_key=True)
     reason: Mapped[str] = mapped_column(String(16))  # "auto" | "pin"
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Revocation(Base):
+    """A skill name withdrawn from use: `audit` flags every checkpoint that contains it.
+
+    Append-only like the history it annotates; the versions that hold the skill stay as they were.
+    """
+
+    __tablename__ = "revocations"
+    skill_name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    reason: Mapped[str] = mapped_column(Text)
+    author: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -19,7 +19,7 @@ import xxhash
 
 from skillbank.codecs import TaskVectorReader
 from skillbank.merge.chain import alpha_for, manifests_of
-from skillbank.merge.methods import METHODS
+from skillbank.merge.methods import METHODS, apply_delta
 from skillbank.merge.plan import Piece, block_view, blocks
 from skillbank.store import ObjectStore
 from skillbank.tensors import Checkpoint, SafetensorsFile, TensorSpec, WeightsDigest
@@ -90,14 +90,23 @@ class Sampler:
         self.base = SafetensorsFile(store.open_verified(base_manifest["base"]))
         self.steps: dict[int, dict] = {}
         self.readers: dict[int, TaskVectorReader] = {}
+        self.whole: dict[int, SafetensorsFile] = {}  # versions kept whole: branch merges
+        self.by_manifest = {n.manifest: n.id for n in self.nodes}
         for n in self.nodes[1:]:
-            step = store.get_json(n.manifest)["step"]
+            m = store.get_json(n.manifest)
+            step = m["step"]
+            if step is None:
+                self.whole[n.id] = SafetensorsFile(store.open_verified(m["base"] or m["digest"]))
+                continue
             self.steps[n.id] = step
             self.readers[n.id] = TaskVectorReader(store, step["task_vector"])
+        # One regression column per registered task vector; a delta step (rebuild --without)
+        # re-applies a task vector that already has its column.
+        self.tau_ids = [k for k, st in self.steps.items() if st.get("apply", "merge") != "delta"]
 
     def close(self) -> None:
         self.base.close()
-        for r in self.readers.values():
+        for r in (*self.readers.values(), *self.whole.values()):
             r.close()
 
     def block(self, piece: Piece, idx: torch.Tensor) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
@@ -107,12 +116,20 @@ class Sampler:
                                                             piece.count), spec)}
         values, taus = {}, {}
         for n in self.nodes:
-            if n.id in self.steps:
+            if n.id in self.whole:
+                f = self.whole[n.id]
+                full[n.id] = block_view(f.read(f.tensors[spec.name], piece.first, piece.count), spec)
+            elif n.id in self.steps:
                 step, parent = self.steps[n.id], full[n.parent_id]
-                ft = self.readers[n.id].decode(spec.name, piece.index, parent)
                 alpha = alpha_for(step["alphas"], step["groups"].get(spec.name))
-                full[n.id] = METHODS[step["method"]](parent, ft, alpha)
-                taus[n.id] = ft.reshape(-1)[idx].double() - parent.reshape(-1)[idx].double()
+                if step.get("apply", "merge") == "delta":
+                    encoded_against = full[self.by_manifest[step["delta_parent_manifest"]]]
+                    ft = self.readers[n.id].decode(spec.name, piece.index, encoded_against)
+                    full[n.id] = apply_delta(parent, encoded_against, ft, alpha)
+                else:
+                    ft = self.readers[n.id].decode(spec.name, piece.index, parent)
+                    full[n.id] = METHODS[step["method"]](parent, ft, alpha)
+                    taus[n.id] = ft.reshape(-1)[idx].double() - parent.reshape(-1)[idx].double()
             values[n.id] = full[n.id].reshape(-1)[idx].double()
         return values, taus
 
@@ -131,7 +148,7 @@ def estimate(store: ObjectStore, nodes: list[VersionNode], ckpt: Checkpoint, nam
     """Nearest version and per-skill coefficients from a bounded sample of coordinates."""
     sampler = Sampler(store, nodes)
     xs, ulps = [], []
-    vals, taus = {n.id: [] for n in nodes}, {n.id: [] for n in nodes if n.parent_id is not None}
+    vals, taus = {n.id: [] for n in nodes}, {k: [] for k in sampler.tau_ids}
     try:
         for piece in _sample_pieces(specs, seed):
             idx = _coords(piece)

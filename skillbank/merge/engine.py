@@ -21,13 +21,14 @@ import torch
 from skillbank.codecs import Codec, TaskVectorWriter
 from skillbank.errors import SkillbankError, ValidationError
 from skillbank.merge.chain import Chain, alpha_for
-from skillbank.merge.methods import METHODS
+from skillbank.merge.methods import COMBINERS, METHODS, apply_delta
 from skillbank.merge.plan import DEFAULT_CHUNK_MB, Chunk, Piece, block_view, blocks, plan
 from skillbank.store import ObjectWriter
 from skillbank.tensors import Checkpoint, CheckpointWriter, TensorSpec, WeightsDigest, header_bytes
 from skillbank.tensors.writer import as_bytes, canonical
 
-__all__ = ["AddStats", "Options", "add_pass", "blocks", "materialize", "merge_checkpoints", "rebuild_piece",
+__all__ = ["AddStats", "Options", "add_pass", "blocks", "combine_pass", "materialize", "merge_checkpoints",
+           "rebuild_piece", "replay_digests",
            "resolve_device"]
 
 Progress = Callable[[int], None] | None
@@ -72,19 +73,54 @@ def _merge(method: str, p: torch.Tensor, f: torch.Tensor, alpha: float, device: 
     return METHODS[method](_to(p, device), _to(f, device), alpha).cpu()
 
 
-def rebuild_piece(chain: Chain, piece: Piece, device: torch.device) -> torch.Tensor:
-    """One block of a version: the base block, then each step of the chain applied in order."""
+def rebuild_piece(chain: Chain, piece: Piece, device: torch.device, _memo: dict | None = None,
+                  trace: list | None = None) -> torch.Tensor:
+    """One block of a version: the base block, then each step of the chain applied in order.
+
+    A delta step needs the block of the version its task vector was encoded against, rebuilt from
+    that version's own chain. Consecutive delta steps (a `rebuild --without`) name consecutive
+    versions of one original chain, so the last original block is remembered (`_memo`, keyed by
+    manifest) and the next one is one step further: both chains advance together, block by block,
+    and memory stays a few blocks. With `trace`, the block after every step is appended to it.
+    """
     spec = piece.spec
-    x = block_view(chain.base.read(chain.base.tensors[spec.name], piece.first, piece.count), spec)
-    for step in chain.steps:
-        ft = step.task_vector.decode(spec.name, piece.index, x)
-        x = _merge(step.method, x, ft, step.alpha(spec.name), device)
+    memo: dict = {} if _memo is None else _memo
+    start, x = 0, None
+    for i in range(len(chain.steps) - 1, -1, -1):
+        if chain.steps[i].manifest is not None and chain.steps[i].manifest in memo:
+            start, x = i + 1, memo[chain.steps[i].manifest]
+            break
+    if x is None:
+        x = block_view(chain.base.read(chain.base.tensors[spec.name], piece.first, piece.count), spec)
+    for step in chain.steps[start:]:
+        if step.delta_parent is not None:
+            p = rebuild_piece(step.delta_parent, piece, device, memo)
+            ft = step.task_vector.decode(spec.name, piece.index, p)
+            x = _apply_delta(x, p, ft, step.alpha(spec.name), device)
+        else:
+            ft = step.task_vector.decode(spec.name, piece.index, x)
+            x = _merge(step.method, x, ft, step.alpha(spec.name), device)
+        if trace is not None:
+            trace.append(x)
+    if _memo is not None and chain.steps and chain.steps[-1].manifest is not None:
+        memo.clear()
+        memo[chain.steps[-1].manifest] = x
     return x
+
+
+def _apply_delta(x: torch.Tensor, p: torch.Tensor, f: torch.Tensor, alpha: float, device: torch.device) -> torch.Tensor:
+    if device.type == "cpu" or not x.is_floating_point() or alpha == 0.0:
+        return apply_delta(x, p, f, alpha)
+    return apply_delta(_to(x, device), _to(p, device), _to(f, device), alpha).cpu()
 
 
 def pipeline(items: Iterable[T], compute: Callable[[T], object], workers: int, lookahead: int) -> Iterator:
     """compute(item) for every item on a thread pool, yielded in input order, few in flight."""
     it = iter(items)
+    # Parallelism comes from the chunks: torch's own intra-op threads on top of ours only wait on
+    # each other, and on a busy machine that makes every kernel several times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="skillbank") as pool:
         pending = deque(pool.submit(compute, item) for item in _take(it, lookahead))
         try:
@@ -97,6 +133,7 @@ def pipeline(items: Iterable[T], compute: Callable[[T], object], workers: int, l
         finally:
             for f in pending:
                 f.cancel()
+            torch.set_num_threads(threads)
 
 
 def _take(it: Iterator[T], n: int) -> list[T]:
@@ -236,3 +273,87 @@ def merge_checkpoints(parent: Checkpoint, finetuned: Checkpoint, method: str, al
             digest.update(x)
             writer.write(piece.spec.name, x)
     return digest.hexdigest()
+
+
+def replay_digests(chain: Chain, first: int, progress: Progress = None, options: Options = Options()) -> list[str]:
+    """The weights digest after each step `first`, `first + 1`, ... of `chain`, in one pass.
+
+    For `rebuild --without`: every replayed version is measured while the new chain and the
+    original one are rebuilt together block by block; nothing is written.
+    """
+    device = resolve_device(options.device)
+    n = len(chain.steps) - first
+    digests = [WeightsDigest(chain.specs) for _ in range(n)]
+
+    def compute(chunk: Chunk) -> list:
+        out = []
+        for piece in chunk.pieces:
+            trace: list = []
+            rebuild_piece(chain, piece, device, trace=trace)
+            out.append((piece, trace[first:]))
+        return out
+
+    w = options.n_workers
+    for results in pipeline(plan(chain.specs, options.chunk_mb), compute, w, 2 * w):
+        for piece, xs in results:
+            for d, x in zip(digests, xs):
+                d.update(x)
+            if progress:
+                progress(piece.nbytes)
+    return [d.hexdigest() for d in digests]
+
+
+def combine_pass(ancestor: Chain, sides: list[Chain], method: str, weights: list[float], params: dict,
+                 keep: ObjectWriter, progress: Progress = None, options: Options = Options()) -> str:
+    """Stream `COMBINERS[method]` of the ancestor and each side, block by block, into `keep`.
+
+    `keep` receives the canonical serialisation (a keyframe object); returns its weights digest.
+    Combining runs on the CPU (the DARE mask is built there; the arithmetic is the same anywhere).
+    """
+    fn = COMBINERS[method]
+    device = resolve_device(options.device)
+
+    def compute(chunk: Chunk) -> list:
+        out = []
+        for piece in chunk.pieces:
+            a = rebuild_piece(ancestor, piece, device)
+            ss = [rebuild_piece(c, piece, device) for c in sides]
+            out.append((piece, fn(a, ss, weights, params, (piece.spec.name, piece.first))))
+        return out
+
+    digest = WeightsDigest(ancestor.specs)
+    keep.write(header_bytes(canonical(ancestor.specs)))
+    w = options.n_workers
+    for results in pipeline(plan(ancestor.specs, options.chunk_mb), compute, w, 2 * w):
+        for piece, x in results:
+            digest.update(x)
+            keep.write(as_bytes(x))
+            if progress:
+                progress(piece.nbytes)
+    return digest.hexdigest()
+
+
+def copy_canonical(ckpt: Checkpoint, out: ObjectWriter, progress: Progress = None,
+                   options: Options = Options()) -> None:
+    """Stream a checkpoint into its canonical single-file serialisation, refusing NaN and Inf."""
+    from skillbank.errors import CheckpointError
+    from skillbank.tensors.dtypes import all_finite
+
+    specs = [TensorSpec(i.name, i.dtype, i.shape) for i in ckpt]
+
+    def compute(chunk: Chunk) -> list:
+        out_ = []
+        for piece in chunk.pieces:
+            x = ckpt.read(piece.spec.name, piece.first, piece.count)
+            if not all_finite(x):
+                raise CheckpointError(f"{ckpt.source}: tensor {piece.spec.name!r} contains NaN or Inf")
+            out_.append((piece, x))
+        return out_
+
+    out.write(header_bytes(canonical(specs)))
+    n = options.n_workers
+    for results in pipeline(plan(specs, options.chunk_mb), compute, n, 2 * n):
+        for piece, x in results:
+            out.write(as_bytes(x))
+            if progress:
+                progress(piece.nbytes)

@@ -83,6 +83,8 @@ class ObjectWriter:
 
 
 class ObjectStore:
+    fetcher = None  # optional callable(digest) -> bool for missing objects; default: the bank's remotes
+
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self.objects = self.root / "objects"
@@ -116,11 +118,23 @@ class ObjectStore:
     def _missing(self, digest: str) -> IntegrityError:
         return IntegrityError(f"object {digest} is missing from {self.objects}")
 
+    def _fetch_missing(self, digest: str) -> bool:
+        """Lazy fetch hook: place a missing object from the bank's remotes, verified (store/remote.py).
+
+        `fetcher` replaces the default (the remotes in the bank directory's bank.json)."""
+        if self.fetcher is not None:
+            return bool(self.fetcher(digest))
+        from skillbank.store.remote import fetch_missing
+
+        return fetch_missing(self, digest)
+
     def get_bytes(self, digest: str) -> bytes:
         try:
             data = self.path(digest).read_bytes()
         except FileNotFoundError:
-            raise self._missing(digest) from None
+            if not self._fetch_missing(digest):
+                raise self._missing(digest) from None
+            data = self.path(digest).read_bytes()
         if xxhash.xxh3_128_hexdigest(data) != digest:
             raise IntegrityError(f"object {digest} is corrupt (its bytes no longer match its digest)")
         return data
@@ -134,7 +148,9 @@ class ObjectStore:
         try:
             st = p.stat()
         except FileNotFoundError:
-            raise self._missing(digest) from None
+            if not self._fetch_missing(digest):
+                raise self._missing(digest) from None
+            st = p.stat()
         key = (digest, st.st_size, st.st_mtime_ns)
         if key not in self._verified:
             if hash_file(p) != digest:

@@ -43,3 +43,17 @@ def is_float(name: str) -> bool:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Merge arithmetic runs one step wider than storage so each result is rounded once."""
     return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+_EXPONENT_MASK = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80, torch.float32: 0x7F800000,
+                  torch.float64: 0x7FF0000000000000}
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """No NaN or Inf, read off the exponent bits: an integer test, several times faster than isfinite."""
+    mask = _EXPONENT_MASK.get(x.dtype)
+    if mask is None:
+        return bool(torch.isfinite(x).all()) if x.is_floating_point() else True
+    bits = x.reshape(-1).view(BITS_VIEW[x.element_size()])
+    m = torch.tensor(mask, dtype=bits.dtype)
+    return not bool(((bits & m) == m).any())
