@@ -495,7 +495,10 @@ class Bank:
                 "skill": v.skill.name if v.skill else None,
                 "alpha": format_alphas(v.alphas) if v.alphas else None, "alphas": v.alphas,
                 "digest": v.digest, "created_at": _iso(v.created_at), "author": v.author,
-                "message": v.message, "refs": refs.get(v.id, []), **self._row_extra(s, v)}
+                "message": v.message, "refs": refs.get(v.id, []),
+                "evals": {e.split: e.value for e in s.scalars(select(Eval).where(Eval.version_id == v.id)
+                                                             .order_by(Eval.id))},
+                **self._row_extra(s, v)}
 
     def _refs_by_version(self, s) -> dict[int, list[str]]:
         out: dict[int, list[str]] = {}

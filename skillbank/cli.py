@@ -219,10 +219,12 @@ def checkout(c: Ctx, ref: str, out_dir: str | None, max_shard_size: str | None, 
 def log(c: Ctx, ref: str | None, as_json: bool) -> None:
     """History from REF (default HEAD) back to the base, newest first."""
     rows = c.bank().log(ref)
-    emit(rows, as_json, lambda d: table(None, ["version", "parent", "skill", "alpha", "digest", "refs", "created"],
+    emit(rows, as_json, lambda d: table(None, ["version", "parent", "skill", "alpha", "evals", "digest", "refs",
+                                               "created"],
                                         [[r["version"], (r["parent"] or "") + (f"+{r['second_parent']}" if r.get("second_parent") else ""),
                                           (r["skill"] + (" (revoked)" if r.get("revoked") else "")) if r["skill"]
                                           else "(merge)" if r.get("second_parent") else "(base)", r["alpha"],
+                                          " ".join(f"{k} {v:.2f}" for k, v in r["evals"].items()),
                                           r["digest"][:12], ", ".join(r["refs"]), r["created_at"]] for r in d]))
 
 
