@@ -59,6 +59,16 @@ def default_author() -> str:
     return getpass.getuser()
 
 
+def _eval_summary(rows) -> dict[str, float]:
+    """Mean over seeds per (suite, split), keyed by the split alone when one suite has it."""
+    groups: dict[tuple[str, str], list[float]] = {}
+    for e in rows:
+        groups.setdefault((e.suite, e.split), []).append(e.value)
+    splits = [split for _, split in groups]
+    return {(split if splits.count(split) == 1 else f"{suite} {split}"): sum(v) / len(v)
+            for (suite, split), v in sorted(groups.items())}
+
+
 def _iso(t: datetime) -> str:
     return t.isoformat(timespec="seconds") + "Z"
 
@@ -496,8 +506,7 @@ class Bank:
                 "alpha": format_alphas(v.alphas) if v.alphas else None, "alphas": v.alphas,
                 "digest": v.digest, "created_at": _iso(v.created_at), "author": v.author,
                 "message": v.message, "refs": refs.get(v.id, []),
-                "evals": {e.split: e.value for e in s.scalars(select(Eval).where(Eval.version_id == v.id)
-                                                             .order_by(Eval.id))},
+                "evals": _eval_summary(s.scalars(select(Eval).where(Eval.version_id == v.id))),
                 **self._row_extra(s, v)}
 
     def _refs_by_version(self, s) -> dict[int, list[str]]:
