@@ -22,7 +22,8 @@ from skillbank.errors import SkillbankError
 from skillbank.merge import Options
 from skillbank.merge.plan import DEFAULT_CHUNK_MB
 
-out = Console(highlight=False, soft_wrap=True)
+# Piped output is for grep and logs: wide enough that tables are not cut to 80 columns.
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
