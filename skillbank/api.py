@@ -30,7 +30,7 @@ from skillbank.db import Database, Eval, Keyframe, Meta, Ref, RefLog, Skill, Tas
 from skillbank.db import migrate
 from skillbank.errors import CheckpointError, IntegrityError, RefError, SkillbankError, ValidationError
 from skillbank.lineage import Head, ancestors, create_ref, move_branch, read_head, resolve, write_head
-from skillbank.lineage.refs import check_name
+from skillbank.lineage.refs import check_name, reachable
 from skillbank.merge import MANIFEST_FORMAT, Options, add_pass, manifests_of, materialize, open_chain
 from skillbank.merge.engine import copy_canonical
 from skillbank.merge.recipe import assign_groups, format_alphas, parse_alpha
@@ -1269,34 +1269,14 @@ class Bank:
 
     def _contained_skills(self, s, v: Version) -> list[dict]:
         """Every skill version reachable from `v` through first and second parents, oldest first."""
-        seen, todo, found = set(), [v.id], []
-        while todo:
-            vid = todo.pop()
-            if vid in seen:
-                continue
-            seen.add(vid)
-            row = s.get(Version, vid)
-            if row.skill is not None:
-                found.append(row)
-            todo += [p for p in (row.parent_id, row.second_parent_id) if p is not None]
+        found = [row for row in reachable(s, v) if row.skill is not None]
         return [{"name": x.skill.name, "version": x.label, "alpha": format_alphas(x.alphas), "alphas": x.alphas}
                 for x in sorted(found, key=lambda x: x.id)]
 
     @staticmethod
     def _common_ancestor(s, a: Version, b: Version) -> Version | None:
         """The newest version reachable from both (through first and second parents)."""
-        def reach(v: Version) -> set[int]:
-            seen, todo = set(), [v.id]
-            while todo:
-                vid = todo.pop()
-                if vid in seen:
-                    continue
-                seen.add(vid)
-                row = s.get(Version, vid)
-                todo += [p for p in (row.parent_id, row.second_parent_id) if p is not None]
-            return seen
-
-        common = reach(a) & reach(b)
+        common = {x.id for x in reachable(s, a)} & {x.id for x in reachable(s, b)}
         return s.get(Version, max(common)) if common else None
 
     # ----------------------------------------------------------------- upkeep

@@ -8,47 +8,15 @@ parent in `base_model` and lists the skills, alphas and demos digests.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 
+from skillbank.card import yaml_block as _yaml
 from skillbank.errors import SkillbankError
 
 HF_TARGET_RE = re.compile(r"^hf://(?P<repo>[\w.-]+/[\w.-]+)$")
 OFFLINE_VALUES = {"1", "true", "yes", "on"}
-
-
-PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
-
-
-def _key(k) -> str:
-    k = str(k)
-    return k if PLAIN_KEY.match(k) else json.dumps(k)  # e.g. the "*" alpha key is a YAML alias unquoted
-
-
-def _yaml(value, indent: int = 0) -> str:
-    """Block YAML for dicts and lists; scalars and odd keys as JSON, which YAML reads as the same values."""
-    pad = " " * indent
-    if isinstance(value, dict):
-        if not value:
-            return pad + "{}"
-        lines = []
-        for k, v in value.items():
-            if isinstance(v, (dict, list)) and v:
-                lines.append(f"{pad}{_key(k)}:\n{_yaml(v, indent + 2)}")
-            else:
-                lines.append(f"{pad}{_key(k)}: {json.dumps(v)}")
-        return "\n".join(lines)
-    if isinstance(value, list):
-        lines = []
-        for item in value:
-            if isinstance(item, (dict, list)) and item:
-                lines.append(f"{pad}- {_yaml(item, indent + 2).lstrip()}")
-            else:
-                lines.append(f"{pad}- {json.dumps(item)}")
-        return "\n".join(lines)
-    return pad + json.dumps(value)
 
 
 class HubError(SkillbankError):

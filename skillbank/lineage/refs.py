@@ -121,3 +121,16 @@ def ancestors(s: Session, v: Version) -> list[Version]:
     while out[-1].parent_id is not None:
         out.append(_by_id(s, out[-1].parent_id, out[-1].label))
     return out
+
+
+def reachable(s: Session, v: Version) -> list[Version]:
+    """Every version reachable from `v` through first and second parents (merges have two)."""
+    seen: dict[int, Version] = {}
+    todo = [v]
+    while todo:
+        row = todo.pop()
+        if row.id in seen:
+            continue
+        seen[row.id] = row
+        todo += [_by_id(s, p, row.label) for p in (row.parent_id, row.second_parent_id) if p is not None]
+    return list(seen.values())
