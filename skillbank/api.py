@@ -25,14 +25,16 @@ from sqlalchemy import func, select
 
 from skillbank import groups as groups_mod
 from skillbank.card import model_card
-from skillbank.codecs import DEFAULT_CODEC, TaskVectorWriter, get_codec
-from skillbank.db import Database, Eval, Keyframe, Meta, Ref, RefLog, Skill, TaskVector, Version
+from skillbank.codecs import DEFAULT_CODEC, TaskVectorReader, TaskVectorWriter, get_codec
+from skillbank.db import Database, Eval, Keyframe, Meta, Ref, RefLog, Revocation, Skill, TaskVector, Version
 from skillbank.db import migrate
 from skillbank.errors import CheckpointError, IntegrityError, RefError, SkillbankError, ValidationError
 from skillbank.lineage import Head, ancestors, create_ref, move_branch, read_head, resolve, write_head
 from skillbank.lineage.refs import check_name, reachable
 from skillbank.merge import MANIFEST_FORMAT, Options, add_pass, manifests_of, materialize, open_chain
-from skillbank.merge.engine import copy_canonical
+from skillbank.merge.chain import Step
+from skillbank.merge.engine import combine_pass, copy_canonical, replay_digests
+from skillbank.merge.methods import COMBINE_DEFAULTS, COMBINERS
 from skillbank.merge.recipe import assign_groups, format_alphas, parse_alpha
 from skillbank.store import ObjectStore
 from skillbank.tensors import Checkpoint, CheckpointWriter, TensorSpec, header_bytes
@@ -1030,8 +1032,6 @@ class Bank:
 
     def revoke(self, skill: str, reason: str) -> dict:
         """Withdraw a skill by name: every version that contains it stays, but `audit` flags it."""
-        from skillbank.db import Revocation
-
         if not reason or not reason.strip():
             raise ValidationError("--reason is required: say why the skill is revoked")
         with self.db.write() as s:
@@ -1051,8 +1051,6 @@ class Bank:
                 "versions": [f"v{v}" for v in versions]}
 
     def revocations(self) -> dict[str, dict]:
-        from skillbank.db import Revocation
-
         with self.db.read() as s:
             return {r.skill_name: {"reason": r.reason, "author": r.author, "revoked_at": _iso(r.created_at)}
                     for r in s.scalars(select(Revocation))}
@@ -1074,9 +1072,6 @@ class Bank:
         the new parent. Each replayed version records `rebuilt_from` (the original version), keeps
         its skill row and alphas, and has no evals: they must be re-run.
         """
-        from skillbank.merge.chain import Step
-        from skillbank.merge.engine import replay_digests
-        from skillbank.codecs import TaskVectorReader
 
         branch = branch or f"rebuild-without-{skill}"
         check_name(branch, "branch")
@@ -1169,9 +1164,6 @@ class Bank:
         The result is stored whole (a keyframe: the canonical serialisation whose digest is the
         version's digest), so it and its descendants rebuild from it; it records both parents.
         """
-        from skillbank.db import Keyframe as _Keyframe
-        from skillbank.merge.engine import combine_pass
-        from skillbank.merge.methods import COMBINE_DEFAULTS, COMBINERS
 
         if method not in COMBINERS:
             raise ValidationError(f"unknown merge method {method!r} (known: {', '.join(sorted(COMBINERS))})")
@@ -1240,7 +1232,7 @@ class Bank:
                                   manifest=manifest, source=None, n_params=n_params, n_bytes=n_bytes,
                                   author=self.author, message=msg))
                     s.flush()
-                    s.add(_Keyframe(version_id=vid, reason="merge"))
+                    s.add(Keyframe(version_id=vid, reason="merge"))
                     if expected is None:
                         create_ref(s, branch, "branch", vid, "merge", self.author, msg)
                     else:
@@ -1255,8 +1247,6 @@ class Bank:
 
     def _row_extra(self, s, v: Version) -> dict:
         """What log/show add for revocations, branch merges and rebuilt versions."""
-        from skillbank.db import Revocation
-
         r = s.get(Revocation, v.skill.name) if v.skill is not None else None
         return {"revoked": r is not None, "revoked_reason": r.reason if r is not None else None,
                 "second_parent": f"v{v.second_parent_id}" if v.second_parent_id is not None else None,

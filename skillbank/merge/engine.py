@@ -19,12 +19,13 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import torch
 
 from skillbank.codecs import Codec, TaskVectorWriter
-from skillbank.errors import SkillbankError, ValidationError
+from skillbank.errors import CheckpointError, SkillbankError, ValidationError
 from skillbank.merge.chain import Chain, alpha_for
 from skillbank.merge.methods import COMBINERS, METHODS, apply_delta
 from skillbank.merge.plan import DEFAULT_CHUNK_MB, Chunk, Piece, block_view, blocks, plan
 from skillbank.store import ObjectWriter
 from skillbank.tensors import Checkpoint, CheckpointWriter, TensorSpec, WeightsDigest, header_bytes
+from skillbank.tensors.dtypes import all_finite, compute_dtype
 from skillbank.tensors.writer import as_bytes, canonical
 
 __all__ = ["AddStats", "Options", "add_pass", "blocks", "combine_pass", "materialize", "merge_checkpoints",
@@ -190,8 +191,6 @@ def _sq(x: torch.Tensor) -> float:
 
 def _measure(name: str, p: torch.Tensor, f: torch.Tensor, decoded: torch.Tensor) -> tuple[float, float, float]:
     """(||f - p||^2, ||p||^2, ||decoded - f||^2) in the compute dtype; refuses NaN/Inf in f."""
-    from skillbank.tensors.dtypes import compute_dtype
-
     wide = compute_dtype(p.dtype)
     pw, fw = p.to(wide), f.to(wide)
     delta_sq = _sq(fw - pw)
@@ -336,9 +335,6 @@ def combine_pass(ancestor: Chain, sides: list[Chain], method: str, weights: list
 def copy_canonical(ckpt: Checkpoint, out: ObjectWriter, progress: Progress = None,
                    options: Options = Options()) -> None:
     """Stream a checkpoint into its canonical single-file serialisation, refusing NaN and Inf."""
-    from skillbank.errors import CheckpointError
-    from skillbank.tensors.dtypes import all_finite
-
     specs = [TensorSpec(i.name, i.dtype, i.shape) for i in ckpt]
 
     def compute(chunk: Chunk) -> list:
