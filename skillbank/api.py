@@ -21,23 +21,26 @@ from typing import Callable
 
 import xxhash
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
+from skillbank import bankdir
 from skillbank import groups as groups_mod
+from skillbank import integrity
 from skillbank.card import model_card
-from skillbank.codecs import DEFAULT_CODEC, TaskVectorReader, TaskVectorWriter, get_codec
+from skillbank.codecs import DEFAULT_CODEC, TaskVectorWriter, get_codec
 from skillbank.db import Database, Eval, Keyframe, Meta, Ref, RefLog, Revocation, Skill, TaskVector, Version
 from skillbank.db import migrate
 from skillbank.errors import CheckpointError, IntegrityError, RefError, SkillbankError, ValidationError
 from skillbank.lineage import Head, ancestors, create_ref, move_branch, read_head, resolve, write_head
 from skillbank.lineage.refs import check_name, reachable
+from skillbank.lineage.uses import ObjectUses
 from skillbank.merge import MANIFEST_FORMAT, Options, add_pass, manifests_of, materialize, open_chain
-from skillbank.merge.chain import Step
+from skillbank.merge.chain import Opened, Step
 from skillbank.merge.engine import combine_pass, copy_canonical, replay_digests
 from skillbank.merge.methods import COMBINE_DEFAULTS, COMBINERS
 from skillbank.merge.recipe import assign_groups, format_alphas, parse_alpha
 from skillbank.store import ObjectStore
-from skillbank.tensors import Checkpoint, CheckpointWriter, TensorSpec, header_bytes
+from skillbank.tensors import Checkpoint, CheckpointWriter, Digests, TensorSpec, WeightsDigest, header_bytes
 from skillbank.tensors.sources import open_source
 from skillbank.tensors.writer import as_bytes, canonical, write_text_atomic
 
@@ -124,9 +127,10 @@ class Bank:
             with open_source(base) as ckpt:
                 if not ckpt.tensors:
                     raise CheckpointError(f"{base}: holds no tensors")
+                config_raw = ckpt.config_bytes()  # checked before anything is written
                 store = ObjectStore(root).create()
-                base_obj = cls._store_base(store, ckpt, progress)
-                config = store.put_bytes(ckpt.config.read_bytes()) if ckpt.config else None
+                base_obj, base_sha256 = cls._store_base(store, ckpt, progress)
+                config = store.put_bytes(config_raw) if config_raw is not None else None
                 specs = _specs_of(ckpt)
                 largest = max(f.path.stat().st_size for f in ckpt.files)
                 layout = {"max_shard_size": largest if len(ckpt.files) > 1 else None}
@@ -151,14 +155,15 @@ class Bank:
                     raise SkillbankError(f"the database at {url!r} already holds bank {existing.value}")
                 s.add(Meta(key="bank_id", value=bank_id))
                 s.add(Version(id=0, parent_id=None, skill_id=None, method="base", alphas=None,
-                              group_preset=None, digest=base_obj, manifest=manifest, source=source,
+                              group_preset=None, digest=base_obj, sha256=base_sha256, manifest=manifest,
+                              source=source,
                               n_params=n_params, n_bytes=n_bytes, author=author,
                               message=message or f"base from {source}"))
                 s.flush()
                 create_ref(s, "main", "branch", 0, "init", author, f"init from {source}")
             info = {"format": 1, "bank_id": bank_id}
             if db_url:
-                info["db_url"] = db_url
+                info["db_url"] = _without_password(db_url)  # as clone: from --db, env or ~/.pgpass
             write_text_atomic(root / BANK_FILE, json.dumps(info, indent=2) + "\n")
             write_head(root, Head(branch="main"), "init")
         except BaseException:
@@ -166,15 +171,17 @@ class Bank:
                 shutil.rmtree(root, ignore_errors=True)
             raise
         bank = cls(root, db, bank_id)
-        return bank, {"bank": bank_id, "version": "v0", "branch": "main", "digest": base_obj,
+        return bank, {"bank": bank_id, "version": "v0", "branch": "main", "digest": base_obj, "sha256": base_sha256,
                       "tensors": len(specs), "params": n_params, "bytes": n_bytes, "source": source}
 
     @staticmethod
-    def _store_base(store: ObjectStore, ckpt: Checkpoint, progress: Progress) -> str:
-        """Stream the base into its canonical single-file form; its object digest is the weights digest."""
+    def _store_base(store: ObjectStore, ckpt: Checkpoint, progress: Progress) -> tuple[str, str]:
+        """Stream the base into its canonical single-file form: (object digest = weights digest, SHA-256)."""
         with store.writer() as w:
-            copy_canonical(ckpt, w, progress)
-            return w.commit()
+            digest, sha256 = copy_canonical(ckpt, w, progress)
+            if w.commit() != digest:
+                raise IntegrityError("the base object's digest differs from its weights digest")
+            return digest, sha256
 
     def close(self) -> None:
         self.db.dispose()
@@ -191,6 +198,7 @@ class Bank:
 
     # ----------------------------------------------------------------- add-skill
 
+    @integrity.explained
     def add_skill(self, name: str, finetuned: str, alpha: str | float, *, from_ref: str | None = None,
                   branch: str | None = None, codec: str = DEFAULT_CODEC, groups: str | None = None,
                   preset: str | None = None, force: bool = False, message: str | None = None,
@@ -217,6 +225,7 @@ class Bank:
                      groups_mod.get_preset(preset) if preset else groups_mod.detect_preset(names))
             assignment = assign_groups(names, alphas, rules)
             tv = TaskVectorWriter(self.store, codec_impl)
+            stack.callback(tv.abort)  # also when the keyframe writer cannot be created
             keep = self.store.writer() if keep_whole else None
             if keep is not None:
                 stack.callback(keep.abort)
@@ -267,7 +276,8 @@ class Bank:
                     s.flush()
                     s.add(Version(id=vid, parent_id=parent.id, skill_id=skill.id, method="retain",
                                   alphas=alphas, group_preset=rules.name, digest=stats.digest,
-                                  manifest=manifest, source=None, n_params=n_params, n_bytes=n_bytes,
+                                  sha256=stats.sha256, manifest=manifest, source=None, n_params=n_params,
+                                  n_bytes=n_bytes,
                                   author=self.author, message=message or f"add skill {name}"))
                     s.flush()
                     if keep_whole:
@@ -282,11 +292,12 @@ class Bank:
                 if attempt == 19:
                     raise
         return {"version": f"v{vid}", "parent": parent.label, "skill": name, "branch": target,
-                "alpha": format_alphas(alphas), "alphas": alphas, "digest": stats.digest,
+                "alpha": format_alphas(alphas), "alphas": alphas, "digest": stats.digest, "sha256": stats.sha256,
                 "codec": codec_impl.name, "raw_bytes": stats.raw_bytes,
                 "stored_bytes": self.store.size(tv_obj), "rel_norm": stats.rel_norm,
                 "groups": rules.name, "keyframe": keep_whole}
 
+    @integrity.explained
     def add_skill_from_demos(self, name: str, demos: str, alpha: str | float, *, from_ref: str | None = None,
                              branch: str | None = None, settings: dict | None = None,
                              train_cmd: str | None = None, val_suite: str | None = None,
@@ -363,6 +374,7 @@ class Bank:
                  for p in points]
         return chosen, {"suite": val_suite, "group": group, "chosen": best, "points": table, "plot": str(out)}
 
+    @integrity.explained
     def evaluate(self, ref: str, suite: str, *, episodes: int = 10, seeds: tuple[int, ...] = (0,),
                  record: bool = True, options: Options = Options()) -> dict:
         """Run a Meta-World suite on a version of the reference policy and record the results."""
@@ -406,7 +418,10 @@ class Bank:
         if from_ref and ref.version_id != parent.id:
             raise RefError(f"--from {from_ref} ({parent.label}) is not the tip of {head.branch!r} "
                            f"(v{ref.version_id}); pass --branch NAME to hold the new version")
-        return head.branch, ref.version_id
+        # The CAS must expect the parent itself, not a second read of the tip: on PostgreSQL (read
+        # committed) that read can already see another writer's commit, and the branch would then
+        # move past that writer's version to one built on its parent, dropping it from history.
+        return head.branch, parent.id
 
     @staticmethod
     def _check_compatible(specs: list[TensorSpec], ft: Checkpoint, parent: str, force: bool) -> None:
@@ -431,16 +446,28 @@ class Bank:
 
     # ----------------------------------------------------------------- checkout
 
+    @integrity.explained
     def checkout(self, ref: str, out: str | os.PathLike | None = None, *,
                  max_shard_size: int | None = None, progress: Progress = None,
-                 options: Options = Options()) -> dict:
+                 options: Options = Options(), verify_sha256: bool = False) -> dict:
+        """Make REF the HEAD; with `out`, rebuild it there, verified against its xxh3 digest.
+
+        `verify_sha256` also hashes the rebuild with SHA-256 and compares it with the recorded one,
+        which an attacker who can forge xxh3 collisions in the objects cannot match (docs/security.md).
+        """
         with self.db.read() as s:
             version = resolve(s, ref, self.head)
             is_branch = (r := s.get(Ref, ref)) is not None and r.kind == "branch"
             lineage = self._lineage(s, version)
-        result = {"version": version.label, "digest": version.digest, "ref": ref}
+        if verify_sha256 and out is None:
+            raise ValidationError("--verify-sha256 checks a rebuild: give --out DIR")
+        if verify_sha256 and version.sha256 is None:
+            raise IntegrityError(f"{version.label} has no recorded SHA-256 (written before schema 0004); "
+                                 "run `skillbank db backfill-sha256` first")
+        result = {"version": version.label, "digest": version.digest, "sha256": version.sha256, "ref": ref}
         if out is not None:
-            result.update(self._materialize(version, Path(out), lineage, max_shard_size, progress, options))
+            result.update(self._materialize(version, Path(out), lineage, max_shard_size, progress, options,
+                                            verify_sha256))
         if ref.strip() == "HEAD":
             new_head = self.head  # as in git: checking out HEAD leaves it attached where it is
         else:
@@ -450,7 +477,8 @@ class Bank:
         return result
 
     def _materialize(self, version: Version, out: Path, lineage: list[dict],
-                     max_shard_size: int | None, progress: Progress, options: Options) -> dict:
+                     max_shard_size: int | None, progress: Progress, options: Options,
+                     verify_sha256: bool = False) -> dict:
         manifest = self.store.get_json(version.manifest)
         if max_shard_size is None:
             max_shard_size = (manifest.get("layout") or {}).get("max_shard_size")
@@ -458,16 +486,25 @@ class Bank:
         meta = {"skillbank.bank": self.id, "skillbank.version": version.label,
                 "skillbank.digest": version.digest, "skillbank.lineage": lineage_json,
                 "skillbank.lineage_digest": xxhash.xxh3_128_hexdigest(lineage_json.encode())}
+        if version.sha256:
+            meta["skillbank.sha256"] = version.sha256
         if out.exists() and not out.is_dir():
             raise SkillbankError(f"--out {out} exists and is not a directory")
+        # Read before writing anything: a damaged config must fail the checkout, not follow it.
+        config = self.store.get_bytes(manifest["config"]).decode() if manifest.get("config") else None
         chain = open_chain(self.store, version.manifest, self.keyframes())
         try:
             writer = CheckpointWriter(out, chain.specs, meta, max_shard_size)
             try:
-                digest = materialize(chain, writer, progress, options)
+                hasher = WeightsDigest(chain.specs, sha256=verify_sha256)
+                digest = materialize(chain, writer, progress, options, hasher=hasher)
                 if digest != version.digest:
                     raise IntegrityError(f"rebuilt {version.label} has digest {digest}, recorded {version.digest}; "
                                          "run `skillbank fsck`")
+                if verify_sha256 and hasher.sha256 != version.sha256:
+                    raise IntegrityError(f"rebuilt {version.label} matches its xxh3 digest but has SHA-256 "
+                                         f"{hasher.sha256}, recorded {version.sha256}: its objects were forged "
+                                         "to collide (or the database was edited); nothing was written")
                 files = writer.commit()
             except BaseException:
                 writer.abort()
@@ -478,12 +515,13 @@ class Bank:
         for stale in out.glob("model*.safetensors*"):
             if stale.name not in keep and (stale.name in OUTPUT_NAMES or stale.name.startswith("model-")):
                 stale.unlink()
-        if manifest.get("config"):
-            write_text_atomic(out / "config.json", self.store.get_bytes(manifest["config"]).decode())
+        if config is not None:
+            write_text_atomic(out / "config.json", config)
         skills = [{"version": e["version"], "name": e["skill"], "alpha": e["alpha"],
                    "demos_digest": e.get("demos_digest")} for e in lineage[1:] if e.get("skill")]
         write_text_atomic(out / "README.md", model_card(version.label, version.digest, self.id, lineage[0], skills))
-        return {"out": str(out), "files": [str(f) for f in files], "verified": True}
+        return {"out": str(out), "files": [str(f) for f in files], "verified": True,
+                "sha256_verified": verify_sha256}
 
     def _lineage(self, s, version: Version) -> list[dict]:
         chain = list(reversed(ancestors(s, version)))
@@ -506,7 +544,7 @@ class Bank:
         return {"version": v.label, "parent": f"v{v.parent_id}" if v.parent_id is not None else None,
                 "skill": v.skill.name if v.skill else None,
                 "alpha": format_alphas(v.alphas) if v.alphas else None, "alphas": v.alphas,
-                "digest": v.digest, "created_at": _iso(v.created_at), "author": v.author,
+                "digest": v.digest, "sha256": v.sha256, "created_at": _iso(v.created_at), "author": v.author,
                 "message": v.message, "refs": refs.get(v.id, []),
                 "evals": _eval_summary(s.scalars(select(Eval).where(Eval.version_id == v.id))),
                 **self._row_extra(s, v)}
@@ -644,9 +682,15 @@ class Bank:
 
     # ----------------------------------------------------------------- audit
 
+    @integrity.explained
     def audit(self, path: str, *, min_alpha: float = 0.05, seed: int = 0) -> dict:
-        """Which version and skills a checkpoint holds: exact by digest, else estimated."""
-        from skillbank.lineage.audit import VersionNode, checkpoint_digest, estimate, match_names
+        """Which version and skills a checkpoint holds: exact by SHA-256, else estimated.
+
+        An xxh3 match is only a candidate: it becomes "exact" when the SHA-256 matches too
+        (`verified_by: sha256`), or when the version has none recorded yet (`verified_by: xxh3`,
+        with a warning). A candidate whose SHA-256 differs is a forged collision: match "none".
+        """
+        from skillbank.lineage.audit import VersionNode, checkpoint_digests, estimate, match_names
 
         with open_source(path) as ckpt, self.db.read() as s:
             versions = s.scalars(select(Version).order_by(Version.id)).all()
@@ -654,16 +698,28 @@ class Bank:
             hint = {k.removeprefix("skillbank."): v for k, v in ckpt.metadata.items()
                     if k in ("skillbank.version", "skillbank.digest", "skillbank.bank")}
             specs = [TensorSpec.from_json(r) for r in self.store.get_json(versions[0].manifest)["tensors"]]
-            digest = checkpoint_digest(ckpt)
-            report = {"path": path, "source": ckpt.source, "digest": digest, "hint": hint or None,
-                      "bank": self.id}
-            by_digest = [v for v in versions if v.digest == digest]
-            if by_digest:
-                v = by_digest[0]
-                chain = self._lineage_detail(s, v)
+            digest, sha256 = checkpoint_digests(ckpt)
+            report = {"path": path, "source": ckpt.source, "digest": digest, "sha256": sha256,
+                      "hint": hint or None, "bank": self.id, "verified_by": None, "warnings": []}
+            candidates = [v for v in versions if v.digest == digest]
+            exact = ([v for v in candidates if v.sha256 == sha256] or
+                     [v for v in candidates if v.sha256 is None])
+            if exact:
+                v = exact[0]
                 report.update(match="exact", version=v.label, refs=refs.get(v.id, []),
-                              skills=self._contained_skills(s, v),
-                              lineage=chain)
+                              skills=self._contained_skills(s, v), lineage=self._lineage_detail(s, v),
+                              verified_by="xxh3" if v.sha256 is None else "sha256")
+                if v.sha256 is None:
+                    report["warnings"].append(
+                        f"{v.label} has no recorded SHA-256, so this match rests on xxh3 alone (not proof "
+                        "against a forged checkpoint); run `skillbank db backfill-sha256`")
+                return self._flag_revoked(report)
+            if candidates:
+                v = candidates[0]
+                report.update(match="none", version=None, skills=[], collides_with=v.label,
+                              reason=f"it collides with {v.label}'s fast digest (xxh3 {digest}) but not its "
+                                     f"SHA-256 (recorded {v.sha256}, checkpoint {sha256}): a tampered checkpoint "
+                                     "crafted to pass as that version")
                 return self._flag_revoked(report)
             names = match_names([sp.name for sp in specs], list(ckpt.tensors))
             shapes_ok = names is not None and all(
@@ -714,6 +770,7 @@ class Bank:
         with self.db.read() as s:
             return frozenset(s.scalars(select(Version.digest).join(Keyframe, Keyframe.version_id == Version.id)))
 
+    @integrity.explained
     def pin(self, ref: str, progress: Progress = None, options: Options = Options()) -> dict:
         """Keep REF whole in the store, so it and its descendants rebuild from there."""
         with self.db.read() as s:
@@ -745,6 +802,42 @@ class Bank:
             if row is not None:
                 s.delete(row)
         return {"version": v.label, "digest": v.digest, "keyframe": False}
+
+    # ----------------------------------------------------------------- strong digests
+
+    def backfill_sha256(self, progress: Progress = None, options: Options = Options()) -> dict:
+        """Record the SHA-256 of every version that has none (written before schema 0004).
+
+        Each such version is rebuilt and hashed. Its SHA-256 is recorded only when the rebuild
+        matches the recorded xxh3 digest, and only while the column is still NULL: a recorded value
+        is never overwritten. The result vouches for the objects as they are now (trust on first
+        use), so run it right after `db upgrade`.
+        """
+        with self.db.read() as s:
+            todo = s.scalars(select(Version).where(Version.sha256.is_(None)).order_by(Version.id)).all()
+        keyframes = self.keyframes()
+        filled: list[dict] = []
+        problems: list[dict] = []
+        for v in todo:
+            try:
+                chain = open_chain(self.store, v.manifest, keyframes)
+                try:
+                    hasher = WeightsDigest(chain.specs, sha256=True)
+                    digest = materialize(chain, None, progress, options, hasher=hasher)
+                finally:
+                    chain.close()
+            except SkillbankError as e:
+                problems.append({"version": v.label, "problem": str(e)})
+                continue
+            if digest != v.digest:
+                problems.append({"version": v.label, "problem": f"rebuilds to {digest}, recorded {v.digest}; "
+                                                               "SHA-256 not recorded (run `skillbank fsck`)"})
+                continue
+            with self.db.write() as s:
+                s.execute(update(Version).where(Version.id == v.id, Version.sha256.is_(None))
+                          .values(sha256=hasher.sha256))
+            filled.append({"version": v.label, "sha256": hasher.sha256})
+        return {"ok": not problems, "missing": len(todo), "filled": filled, "problems": problems}
 
     # --- remotes / export
     #
@@ -841,6 +934,7 @@ class Bank:
                     stack.append((dep, False))
         return content + manifests, optional
 
+    @integrity.explained
     def push(self, refs=(), remote: str | None = None) -> dict:
         """Upload every object the versions need (all versions when none is named) to a remote.
 
@@ -875,6 +969,7 @@ class Bank:
                 "objects": len(needed) + len(optional), "uploaded": uploaded, "bytes": sent,
                 "absent": absent}
 
+    @integrity.explained
     def pull(self, refs=(), remote: str | None = None) -> dict:
         """Fetch every object the versions need (all when none is named) from a remote, verified."""
         r = self._remote(remote)
@@ -924,7 +1019,7 @@ class Bank:
                 raise SkillbankError(f"no SQLite database at {dbfile or db_url!r}")
             parsed = parsed.set(database=str(Path(dbfile).resolve()))
             db_url = parsed.render_as_string(hide_password=False)
-        saved_url = parsed.set(password=None).render_as_string(hide_password=False) if parsed.password else db_url
+        saved_url = _without_password(db_url)
         db = Database(db_url)
         created = not root.exists()
         try:
@@ -960,6 +1055,7 @@ class Bank:
                       "branches": branch_names, "head": head.describe(),
                       "remote": {"name": remote_name, "url": remote_url} if remote_url else None}
 
+    @integrity.explained
     def export(self, ref: str, fmt: str, out: str | os.PathLike, *, max_shard_size: int | None = None,
                progress: Progress = None, options: Options = Options()) -> dict:
         """A directory `from_pretrained` (hf) or `lerobot-train --policy.path` (lerobot) accepts."""
@@ -1000,6 +1096,7 @@ class Bank:
                 "files": sorted(p.name for p in out.iterdir()), "shards": len(done["files"]),
                 "base_model": hub.base_model_of(lineage), "verified": True}
 
+    @integrity.explained
     def push_hub(self, ref: str, target: str, *, revision: str | None = None, fmt: str = "hf",
                  max_shard_size: int | None = None, progress: Progress = None,
                  options: Options = Options()) -> dict:
@@ -1062,6 +1159,7 @@ class Bank:
                              for sk in report.get("skills", []) if sk["name"] in revoked]
         return report
 
+    @integrity.explained
     def rebuild_without(self, ref: str, skill: str, branch: str | None = None, progress: Progress = None,
                         options: Options = Options()) -> dict:
         """Replay REF's chain without `skill` onto a new branch.
@@ -1099,27 +1197,23 @@ class Bank:
             steps.append({"method": step["method"], "apply": "delta", "task_vector": step["task_vector"],
                           "alphas": step["alphas"], "groups": step["groups"], "codec": step.get("codec"),
                           "delta_parent_manifest": encoded_against})
-        digests: list[str] = []
+        digests: list[Digests] = []
         if steps:
             keyframes = self.keyframes()
-            pool: dict = {}  # every reader opened once, shared by the new chain and the original ones
+            pool = Opened(self.store)  # every reader opened once, shared by the new chain and the original ones
             try:
                 chain = open_chain(self.store, start.manifest, keyframes, pool)
                 first = len(chain.steps)
                 for st in steps:
-                    key = ("tv", st["task_vector"])
-                    if key not in pool:
-                        pool[key] = TaskVectorReader(self.store, st["task_vector"])
                     original = open_chain(self.store, st["delta_parent_manifest"], keyframes, pool)
-                    chain.steps.append(Step(st["method"], pool[key], st["alphas"], st["groups"], "delta",
-                                            original, None))
+                    chain.steps.append(Step(st["method"], pool.task_vector(st["task_vector"]), st["alphas"],
+                                            st["groups"], "delta", original, None))
                 digests = replay_digests(chain, first, progress, options)
             finally:
-                for c in pool.values():
-                    c.close()
+                pool.close()
         start_manifest = self.store.get_json(start.manifest)
         parent_manifest, created = start.manifest, []
-        for (v_id, label, manifest, *_), st, digest in zip(replay_info, steps, digests):
+        for (v_id, label, manifest, *_), st, (digest, _) in zip(replay_info, steps, digests):
             parent_manifest = self.store.put_json({
                 "format": MANIFEST_FORMAT, "tensors": start_manifest["tensors"], "base": None, "digest": digest,
                 "parent_manifest": parent_manifest, "config": start_manifest.get("config"),
@@ -1133,10 +1227,11 @@ class Bank:
                     vid = s.scalar(select(func.max(Version.id))) or 0
                     parent_id, versions = start.id, []
                     for (v_id, label, _, skill_id, name, method, alphas, preset, n_params, n_bytes), \
-                            manifest, digest in zip(replay_info, created, digests):
+                            manifest, (digest, sha256) in zip(replay_info, created, digests):
                         vid += 1
                         s.add(Version(id=vid, parent_id=parent_id, skill_id=skill_id, method=method, alphas=alphas,
-                                      group_preset=preset, digest=digest, manifest=manifest, source=None,
+                                      group_preset=preset, digest=digest, sha256=sha256, manifest=manifest,
+                                      source=None,
                                       n_params=n_params, n_bytes=n_bytes, author=self.author,
                                       rebuilt_from_id=v_id,
                                       message=f"{name} replayed from {label} without {skill}: its task vector "
@@ -1155,6 +1250,7 @@ class Bank:
         return {"branch": branch, "from": tip.label, "without": skill, "kept_base": start.label,
                 "version": f"v{parent_id}", "versions": versions}
 
+    @integrity.explained
     def merge_branches(self, ref_a: str, ref_b: str, method: str = "task-arithmetic", *,
                        branch: str | None = None, weights: tuple[float, float] = (1.0, 1.0),
                        params: dict | None = None, message: str | None = None, progress: Progress = None,
@@ -1204,7 +1300,7 @@ class Bank:
         try:
             for v in (anc, a, b):
                 chains.append(open_chain(self.store, v.manifest, keyframes))
-            digest = combine_pass(chains[0], chains[1:], method, list(weights), p, keep, progress, options)
+            digest, sha256 = combine_pass(chains[0], chains[1:], method, list(weights), p, keep, progress, options)
             if keep.commit() != digest:
                 raise IntegrityError("the merged object's digest differs from its weights digest")
         except BaseException:
@@ -1229,6 +1325,7 @@ class Bank:
                     vid = (s.scalar(select(func.max(Version.id))) or 0) + 1
                     s.add(Version(id=vid, parent_id=a.id, second_parent_id=b.id, skill_id=None,
                                   method=f"merge:{method}", alphas=None, group_preset=None, digest=digest,
+                                  sha256=sha256,
                                   manifest=manifest, source=None, n_params=n_params, n_bytes=n_bytes,
                                   author=self.author, message=msg))
                     s.flush()
@@ -1272,49 +1369,51 @@ class Bank:
     # ----------------------------------------------------------------- upkeep
 
     def referenced_objects(self) -> set[str]:
-        refs: set[str] = set()
+        """Every object a version or a database row names (what gc keeps)."""
         with self.db.read() as s:
-            manifests = s.scalars(select(Version.manifest)).all()
-            refs.update(s.scalars(select(TaskVector.object)).all())
-        refs.update(self.keyframes())
-        for digest in manifests:
-            refs.add(digest)
-            try:
-                m = self.store.get_json(digest)
-            except IntegrityError:
-                continue
-            for key in ("base", "config"):  # "digest" is only an object while it is a keyframe
-                if m.get(key):
-                    refs.add(m[key])
-            if m.get("step"):
-                refs.add(m["step"]["task_vector"])
-        return refs
+            return ObjectUses.build(s, self.store).referenced()
 
-    def fsck(self, rebuild: bool = True, progress: Progress = None, options: Options = Options()) -> dict:
-        """Every object against its digest, every version's manifest and (by default) its rebuild."""
-        bad_objects = [d for d in self.store if not self.store.verify(d)]
-        problems: list[dict] = [{"object": d, "problem": "bytes do not match digest"} for d in bad_objects]
+    def fsck(self, rebuild: bool = True, progress: Progress = None, options: Options = Options(),
+             repair: bool = False) -> dict:
+        """Every object against its digest, every version's manifest and (by default) its rebuild.
+
+        Reports what is here: nothing is fetched lazily. `repair` first restores damaged and
+        missing objects from the remotes (integrity.repair), then checks; `repairs` says what it did.
+        """
+        with integrity.local_only(self.store):
+            repairs = integrity.repair(self) if repair else None
+            report = self._fsck(rebuild, progress, options)
+        if repairs is not None:
+            report["repairs"] = repairs
+        return report
+
+    def _fsck(self, rebuild: bool, progress: Progress, options: Options) -> dict:
+        problems: list[dict] = integrity.object_problems(self)  # each with the versions it breaks
         with self.db.read() as s:
             versions = s.scalars(select(Version).order_by(Version.id)).all()
-        missing = sorted(d for d in self.referenced_objects() if not self.store.has(d))
-        problems += [{"object": d, "problem": "missing"} for d in missing]
         checked = 0
         for v in versions:
             try:
                 manifests_of(self.store, v.manifest)
                 if rebuild:
                     chain = open_chain(self.store, v.manifest)
+                    hasher = WeightsDigest(chain.specs, sha256=v.sha256 is not None)
                     try:
-                        digest = materialize(chain, None, progress, options)
+                        digest = materialize(chain, None, progress, options, hasher=hasher)
                     finally:
                         chain.close()
                     if digest != v.digest:
                         problems.append({"version": v.label, "problem": f"rebuilds to {digest}, recorded {v.digest}"})
+                    elif v.sha256 is not None and hasher.sha256 != v.sha256:
+                        problems.append({"version": v.label,
+                                         "problem": f"rebuilds to its xxh3 digest but to SHA-256 {hasher.sha256}, "
+                                                    f"recorded {v.sha256} (forged objects or an edited database)"})
                 checked += 1
             except SkillbankError as e:
                 problems.append({"version": v.label, "problem": str(e)})
         return {"ok": not problems, "objects": sum(1 for _ in self.store), "versions": len(versions),
-                "rebuilt": checked if rebuild else 0, "problems": problems}
+                "rebuilt": checked if rebuild else 0, "problems": problems,
+                "sha256_missing": [v.label for v in versions if v.sha256 is None]}
 
     def gc(self, grace_seconds: float = 3600.0, dry_run: bool = False) -> dict:
         """Remove objects no version references, once older than the grace period.
@@ -1322,7 +1421,13 @@ class Bank:
         The grace period protects a concurrent add-skill, whose objects are written before its
         rows are committed.
         """
-        keep = self.referenced_objects()
+        with self.db.read() as s:
+            uses = ObjectUses.build(s, self.store)
+        if uses.unreadable:
+            # Its base, task vector and config are unknown: collecting now could delete them for good.
+            raise IntegrityError(f"gc refused: manifest {uses.unreadable[0]} cannot be read here, so the objects "
+                                 "it needs are unknown; run `skillbank fsck --repair` first")
+        keep = uses.referenced()
         removed, freed = [], 0
         for d in list(self.store):
             if d in keep or self.store.age(d) < grace_seconds:
@@ -1340,11 +1445,22 @@ class Bank:
 
 def _bank_database(root: Path, db_url: str | None) -> tuple[dict, Database]:
     """The bank's marker file and its database: --db, else the URL given at init, else SQLite inside."""
-    marker = root / BANK_FILE
-    if not marker.is_file():
-        raise SkillbankError(f"no bank at {root} (create one with `skillbank init --base PATH`)")
-    info = json.loads(marker.read_text())
-    return info, Database(db_url or info.get("db_url") or Bank.default_db_url(root))
+    info = bankdir.read_bank_file(root)
+    url = db_url or info.get("db_url") or Bank.default_db_url(root)
+    bankdir.check_sqlite_exists(url)
+    bankdir.check_store_layout(root)
+    return info, Database(url)
+
+
+def _without_password(url: str) -> str:
+    """The URL to keep in bank.json: a password never goes to a file other users may read."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if not parsed.password:
+        return url
+    # not URL.set(password=None): `set` reads None as "leave unchanged" and keeps the password
+    return parsed._replace(password=None).render_as_string(hide_password=False)
 
 
 def upgrade_database(root: str | os.PathLike, db_url: str | None = None) -> dict:
@@ -1352,9 +1468,13 @@ def upgrade_database(root: str | os.PathLike, db_url: str | None = None) -> dict
     _, db = _bank_database(Path(root), db_url)
     try:
         before, after = migrate.upgrade(db.engine)
+        with db.read() as s:
+            missing = s.scalar(select(func.count()).select_from(Version).where(Version.sha256.is_(None)))
     finally:
         db.dispose()
-    return {"from": before, "to": after}
+    # Filling them means rebuilding every version: a separate, resumable command, not part of a
+    # schema migration (which must stay quick and must work before the bank can be opened).
+    return {"from": before, "to": after, "sha256_missing": missing}
 
 
 class _ObjectSink:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from sqlalchemy import exc as sa_exc
 
@@ -195,20 +196,23 @@ def add_skill(c: Ctx, name, finetuned, demos, alpha, from_ref, branch, codec, gr
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Write the weights, config and model card here.")
 @click.option("--max-shard-size", default=None, help="Shard the output, e.g. 5GB (default: as the base).")
+@click.option("--verify-sha256", is_flag=True,
+              help="Also check the rebuild against its recorded SHA-256 (catches forged xxh3 collisions).")
 @engine_options
 @json_option
 @click.pass_obj
-def checkout(c: Ctx, ref: str, out_dir: str | None, max_shard_size: str | None, chunk_mb: float, device: str,
-             as_json: bool) -> None:
+def checkout(c: Ctx, ref: str, out_dir: str | None, max_shard_size: str | None, verify_sha256: bool,
+             chunk_mb: float, device: str, as_json: bool) -> None:
     """Make REF the HEAD; with --out, rebuild it and verify its digest."""
     bank = c.bank()
     size = bank.resolve(ref).n_bytes if out_dir else None
     with progress_bar(f"rebuilding {ref}", size, as_json) as prog:
         r = bank.checkout(ref, out_dir, max_shard_size=parse_size(max_shard_size), progress=prog,
-                          options=Options(chunk_mb=chunk_mb, device=device))
+                          options=Options(chunk_mb=chunk_mb, device=device), verify_sha256=verify_sha256)
     def render(d):
         if out_dir:
-            out.print(f"wrote {d['version']} to {d['out']} ({len(d['files'])} file(s), digest {d['digest'][:12]} verified)")
+            checks = f"digest {d['digest'][:12]}" + (f" and SHA-256 {d['sha256'][:12]}" if d["sha256_verified"] else "")
+            out.print(f"wrote {d['version']} to {d['out']} ({len(d['files'])} file(s), {checks} verified)")
         out.print(f"HEAD is now {d['head']}")
     emit(r, as_json, render)
 
@@ -239,6 +243,7 @@ def show(c: Ctx, ref: str, as_json: bool) -> None:
 
     def render(d):
         out.print(f"[bold]{d['version']}[/bold]  parent {d['parent']}  digest {d['digest']}")
+        out.print(f"  sha256 {d['sha256'] or '- (not recorded: run `skillbank db backfill-sha256`)'}")
         if d.get("second_parent"):
             out.print(f"  merge: second parent {d['second_parent']}")
         if d.get("rebuilt_from"):
@@ -387,7 +392,8 @@ def audit(c: Ctx, path: str, require_skill, forbid_skill, min_alpha: float, forb
 
     def render(d):
         if d["match"] == "exact":
-            out.print(f"exact: {d['version']} ({', '.join(d['refs']) or 'no refs'}), digest {d['digest']}")
+            out.print(f"exact: {d['version']} ({', '.join(d['refs']) or 'no refs'}), digest {d['digest']}, "
+                      f"verified by {d['verified_by']}")
             for e in d["lineage"]:
                 what = f"{e['skill']} alpha {e['alpha']}" if e.get("skill") else f"base {e['base']['source']}"
                 out.print(f"  {e['version']}: {what}")
@@ -402,6 +408,8 @@ def audit(c: Ctx, path: str, require_skill, forbid_skill, min_alpha: float, forb
             out.print("none: " + (d.get("reason") or f"nearest {near['version']} at relative distance "
                                   f"{near['distance']:.3g}, {d['residual']:.1%} unexplained"))
     emit(r, as_json, render)
+    for w in r.get("warnings", []):
+        click.echo(f"warning: {w}", err=True)
     if not forbid_revoked:
         for x in r.get("revoked", []):
             click.echo(f"warning: the checkpoint contains revoked skill {x['name']!r} ({x['reason']})", err=True)
@@ -430,17 +438,29 @@ def pin(c: Ctx, ref: str, unpin: bool, chunk_mb: float, device: str, as_json: bo
 
 @cli.command()
 @click.option("--objects-only", is_flag=True, help="Check objects and manifests, skip rebuilding versions.")
+@click.option("--repair", is_flag=True,
+              help="First restore damaged or missing objects from the remotes (damaged copies go to lost+found/).")
 @engine_options
 @json_option
 @click.pass_obj
-def fsck(c: Ctx, objects_only: bool, chunk_mb: float, device: str, as_json: bool) -> None:
+def fsck(c: Ctx, objects_only: bool, repair: bool, chunk_mb: float, device: str, as_json: bool) -> None:
     """Check every object against its digest and rebuild every version to its digest."""
-    r = c.bank().fsck(rebuild=not objects_only, options=Options(chunk_mb=chunk_mb, device=device))
+    r = c.bank().fsck(rebuild=not objects_only, options=Options(chunk_mb=chunk_mb, device=device), repair=repair)
 
     def render(d):
+        for x in d.get("repairs", []):
+            how = {"repaired": f"from {x.get('source')}", "moved aside": x.get("detail")}.get(x["result"], x.get("detail"))
+            moved = f"; the damaged copy is in {x['moved_to']}" if x.get("moved_to") else ""
+            colour = "green" if x["result"] != "unrepairable" else "red"
+            out.print(f"[{colour}]{x['result']}[/{colour}] object {x['object']} ({x['problem']}): "
+                      + escape(f"{how}{moved}"))
         out.print(f"{d['objects']} objects, {d['versions']} versions ({d['rebuilt']} rebuilt and verified)")
+        if d.get("sha256_missing"):
+            out.print(f"{len(d['sha256_missing'])} version(s) without a SHA-256 (checked by xxh3 only): "
+                      "run `skillbank db backfill-sha256`")
         for p in d["problems"]:
-            out.print(f"[red]problem[/red] {p.get('version') or p.get('object')}: {p['problem']}")
+            affects = f"; affects {', '.join(p['versions']) or 'no version'}" if "versions" in p else ""
+            out.print(f"[red]problem[/red] {p.get('version') or p.get('object')}: {p['problem']}{affects}")
         out.print("ok" if d["ok"] else f"{len(d['problems'])} problem(s)")
     emit(r, as_json, render)
     if not r["ok"]:
@@ -471,7 +491,29 @@ def db() -> None:
 def db_upgrade(c: Ctx, as_json: bool) -> None:
     """Migrate the bank's database to this skillbank's schema."""
     r = upgrade_database(c.bank_dir, c.db_url)
-    emit(r, as_json, lambda d: out.print(f"database schema: {d['from']} -> {d['to']}"))
+
+    def render(d):
+        out.print(f"database schema: {d['from']} -> {d['to']}")
+        if d["sha256_missing"]:
+            out.print(f"{d['sha256_missing']} version(s) have no SHA-256 yet: run `skillbank db backfill-sha256`")
+    emit(r, as_json, render)
+
+
+@db.command("backfill-sha256")
+@engine_options
+@json_option
+@click.pass_obj
+def db_backfill_sha256(c: Ctx, chunk_mb: float, device: str, as_json: bool) -> None:
+    """Rebuild every version without a SHA-256 (from before schema 0004) and record it."""
+    r = c.bank().backfill_sha256(options=Options(chunk_mb=chunk_mb, device=device))
+
+    def render(d):
+        out.print(f"recorded SHA-256 for {len(d['filled'])} of {d['missing']} version(s) without one")
+        for p in d["problems"]:
+            out.print(f"[red]problem[/red] {p['version']}: " + escape(p["problem"]))
+    emit(r, as_json, render)
+    if not r["ok"]:
+        sys.exit(1)
 
 
 # --- remotes / export: DVC remotes for objects, a second bank directory, Hugging Face Hub
@@ -680,6 +722,11 @@ def merge_cmd(c: Ctx, branch_a, branch_b, method, branch_name, weights, density,
         f"since {d['ancestor']}"))
 
 
+def one_line(text: str) -> str:
+    """A message as one line: control characters (a newline in a path or a name) are escaped."""
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], text)
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
@@ -690,13 +737,22 @@ def main() -> None:
         e.show()
         sys.exit(e.exit_code)
     except SkillbankError as e:
-        click.echo(f"error: {e}", err=True)
+        click.echo(f"error: {one_line(str(e))}", err=True)
         sys.exit(1)
     except sa_exc.OperationalError as e:
         click.echo(f"error: database: {str(e.orig).strip().splitlines()[0]}", err=True)
         sys.exit(1)
+    except sa_exc.IntegrityError as e:  # a constraint another writer's commit won; the bank is unchanged
+        click.echo(f"error: database refused the write: {str(e.orig).strip().splitlines()[0]}; retry", err=True)
+        sys.exit(1)
+    except sa_exc.ProgrammingError as e:
+        if getattr(e.orig, "sqlstate", None) != "42501":  # insufficient_privilege: a role's grants (docs/security.md)
+            raise
+        click.echo(f"error: database: {str(e.orig).strip().splitlines()[0]} (this role may not do that)", err=True)
+        sys.exit(1)
     except OSError as e:
-        click.echo(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", err=True)
+        click.echo(f"error: {one_line(str(e.strerror or e))}{f': {one_line(str(e.filename))}' if e.filename else ''}",
+                   err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

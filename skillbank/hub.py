@@ -25,7 +25,7 @@ class HubError(SkillbankError):
 
 def parse_target(target: str) -> str:
     m = HF_TARGET_RE.match(target)
-    if not m:
+    if not m or any(p in (".", "..") for p in m["repo"].split("/")):
         raise HubError(f"{target}: expected hf://ORG/NAME")
     return m["repo"]
 

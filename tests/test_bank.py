@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from skillbank.api import Bank
 from skillbank.cli import cli
 from skillbank.db import RefLog, Skill, TaskVector, Version
-from skillbank.errors import BranchMoved, RefError
+from skillbank.errors import BranchMoved, IntegrityError, RefError
 
 BARRIER_TIMEOUT = 120
 
@@ -322,6 +322,24 @@ def test_gc_keeps_every_referenced_object(tmp_path, db_url, models):
         bank.close()
 
 
+def test_gc_refuses_while_a_manifest_cannot_be_read(tmp_path, models):
+    """A damaged manifest hides which objects its version needs: collecting then could lose them."""
+    base, (ft, _, _) = models
+    bank, _ = Bank.init(tmp_path / "bank", str(base))
+    try:
+        bank.add_skill("s", str(ft), 0.7)
+        tv = bank.show("v1")["task_vector"]["object"]
+        manifest = bank.resolve("v1").manifest
+        everything = _objects(bank)
+        bank.store.remove(manifest)
+        with pytest.raises(IntegrityError, match=f"gc refused: manifest {manifest}"):
+            bank.gc(grace_seconds=0)
+        assert _objects(bank) == everything - {manifest}
+        assert bank.store.has(tv)
+    finally:
+        bank.close()
+
+
 def _finetune_tip(bank: Bank, tmp: Path, i: int) -> Path:
     out = tmp / "tips" / str(i)
     bank.checkout("main", out)
@@ -380,7 +398,8 @@ def test_fsck_reports_a_missing_object(tmp_path, db_url, models):
         bank.store.path(manifest).unlink()
         report = Bank.open(root, db_url).fsck()
         assert report["ok"] is False
-        assert {"object": manifest, "problem": "missing"} in report["problems"]
+        entry = next(p for p in report["problems"] if p.get("object") == manifest)
+        assert entry["problem"] == "missing" and entry["versions"] == ["v1"]
         assert any(p.get("version") == "v1" for p in report["problems"])
     finally:
         bank.close()

@@ -104,7 +104,7 @@ def test_fresh_database_is_created_at_head(tmp_path, db_url):
     bank.close()
     engine = create_engine(url_of(root, db_url))
     try:
-        assert revision_of(engine) == script_dir().get_current_head() == migrate.head_revision()
+        assert revision_of(engine) == script_dir().get_current_head() == migrate.head_revision() == migrate.HEAD
         assert BANK_TABLES | {"alembic_version"} <= set(inspect(engine).get_table_names())
         with engine.connect() as conn:
             bank_id = conn.execute(text("SELECT value FROM meta WHERE key = 'bank_id'")).scalar_one()

@@ -118,3 +118,43 @@ def test_cuda_rebuild_is_byte_identical_to_cpu(chain_bank, tmp_path):
     gpu = chain_bank.checkout("v3", tmp_path / "gpu", options=Options(device="cuda"))
     assert cpu["digest"] == gpu["digest"]
     assert (tmp_path / "cpu" / "model.safetensors").read_bytes() == (tmp_path / "gpu" / "model.safetensors").read_bytes()
+
+
+# ----------------------------------------------------------------------------- checks while streaming
+
+def _damaged_bank(tmp_path, where: str):
+    """A fresh two-version bank whose base object has one byte flipped at `where`."""
+    base = _model(0)
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(_finetune(base, 1), tmp_path / "ft.safetensors")
+    bank, _ = Bank.init(tmp_path / "bank", str(tmp_path / "base.safetensors"))
+    bank.add_skill("s", str(tmp_path / "ft.safetensors"), 0.5, keyframe="never")
+    digest = bank.store.get_json(bank.resolve("v0").manifest)["base"]
+    path = bank.store.path(digest)
+    data = bytearray(path.read_bytes())
+    data[{"data": len(data) - 1000, "header": 12}[where]] ^= 0x20
+    path.chmod(0o644)
+    path.write_bytes(bytes(data))
+    bank.close()
+    return Bank.open(tmp_path / "bank"), digest  # a new store: nothing is known to be verified
+
+
+@pytest.mark.parametrize("where", ["data", "header"])
+def test_a_corrupt_object_fails_the_pass_that_streamed_it(tmp_path, where):
+    bank, digest = _damaged_bank(tmp_path, where)
+    try:
+        if where == "data":
+            # Opening does not hash the object (that runs beside the pass) ...
+            chain = open_chain(bank.store, bank.resolve("v1").manifest)
+            try:
+                # ... and the pass refuses to return a result computed from corrupt bytes.
+                with pytest.raises(SkillbankError, match=f"object {digest} is corrupt"):
+                    materialize(chain, None)
+            finally:
+                chain.close()
+        # A header that no longer parses is reported as the corruption it is, not as its symptom.
+        with pytest.raises(SkillbankError, match=f"{digest}.*corrupt"):
+            bank.checkout("v1", tmp_path / "out")
+        assert not (tmp_path / "out" / "model.safetensors").exists()
+    finally:
+        bank.close()

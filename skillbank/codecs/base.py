@@ -6,7 +6,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from skillbank.errors import ValidationError
+from skillbank.errors import ValidationError, show
 
 
 class Codec(Protocol):
@@ -41,5 +41,5 @@ def get_codec(name: str, **params) -> Codec:
     try:
         factory = CODECS[name]
     except KeyError:
-        raise ValidationError(f"unknown codec {name!r} (known: {', '.join(sorted(CODECS))})") from None
+        raise ValidationError(f"unknown codec {show(name)} (known: {', '.join(sorted(CODECS))})") from None
     return factory(**params)

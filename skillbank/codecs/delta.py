@@ -34,7 +34,7 @@ import torch
 import zstandard
 
 from skillbank.codecs.lossless import XorZstd
-from skillbank.errors import IntegrityError, ValidationError
+from skillbank.errors import IntegrityError, ValidationError, show
 
 VERSION = 1
 EXACT, LOSSY = 0, 1
@@ -132,7 +132,7 @@ def masked_delta(sections: list[bytes], shape: torch.Size, dtype: torch.dtype, d
 
 def positive_float(value, what: str, upper: float | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValidationError(f"{what} must be a number, not {value!r}")
+        raise ValidationError(f"{what} must be a number, not {show(value)}")
     value = float(value)
     if not (value > 0 and (upper is None or value <= upper)):
         raise ValidationError(f"{what} must be in (0, {upper}], not {value}" if upper is not None
@@ -142,7 +142,7 @@ def positive_float(value, what: str, upper: float | None = None) -> float:
 
 def int_param(value, what: str, lower: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) and not (isinstance(value, float) and value.is_integer()):
-        raise ValidationError(f"{what} must be an integer, not {value!r}")
+        raise ValidationError(f"{what} must be an integer, not {show(value)}")
     value = int(value)
     if value < lower:
         raise ValidationError(f"{what} must be >= {lower}, not {value}")

@@ -17,7 +17,7 @@ import torch
 import zstandard
 
 from skillbank.codecs.base import register
-from skillbank.errors import IntegrityError
+from skillbank.errors import IntegrityError, ValidationError, show
 from skillbank.tensors.dtypes import BITS_VIEW
 
 _UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -60,7 +60,9 @@ class XorZstd:
     device_exact = True
 
     def __init__(self, level: int = 3):
-        self.level = int(level)
+        if isinstance(level, bool) or not isinstance(level, int) or not -(2**17) <= level <= 22:
+            raise ValidationError(f"xor-zstd level must be an integer from -131072 to 22, not {show(level)}")
+        self.level = level
         self._local = threading.local()  # zstd contexts are not thread-safe; workers share a codec
 
     @property
@@ -102,6 +104,11 @@ class XorZstd:
             body = view[pos:pos + length]
             pos += length
             try:
+                # decompress() allocates the size a frame declares, whatever max_output_size says:
+                # a frame that claims more than the plane holds is refused before it can allocate.
+                if mode == ZSTD and zstandard.frame_content_size(body) not in (-1, n):
+                    raise IntegrityError(f"task-vector plane declares {zstandard.frame_content_size(body)} "
+                                         f"bytes, expected {n}")
                 raw = body if mode == RAW else self._d.decompress(body, max_output_size=n)
             except zstandard.ZstdError as e:
                 raise IntegrityError(f"task-vector block does not decompress ({e})") from None

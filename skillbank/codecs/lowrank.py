@@ -24,7 +24,7 @@ import torch
 
 from skillbank.codecs.base import register
 from skillbank.codecs.delta import DeltaCodec, check_finite, int_param, tensor_bytes, tensor_from, wide_dtype
-from skillbank.errors import IntegrityError, ValidationError
+from skillbank.errors import IntegrityError, ValidationError, show
 
 _META = struct.Struct("<BI")  # factor dtype code, rank
 _FACTOR = {0: torch.float32, 1: torch.float16}
@@ -62,7 +62,7 @@ class LowRank(DeltaCodec):
         self.rank = int_param(rank, "lowrank rank", 1)
         if factor_dtype not in _FACTOR_NAMES:
             raise ValidationError(f"lowrank factor_dtype must be one of {', '.join(_FACTOR_NAMES)}, "
-                                  f"not {factor_dtype!r}")
+                                  f"not {show(factor_dtype)}")
         self.factor_dtype = factor_dtype
 
     def params(self) -> dict:

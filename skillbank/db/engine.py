@@ -5,7 +5,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator
 
-from sqlalchemy import create_engine, event, make_url
+from sqlalchemy import create_engine, event, make_url, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from skillbank.errors import SkillbankError
 
 SQLITE_BUSY_MS = 30_000
+PG_WRITE_LOCK = 0x736B696C6C62616E  # "skillban": the advisory lock that serialises writers
 
 
 def make_engine(url: str) -> Engine:
@@ -66,7 +67,11 @@ class Database:
     def __init__(self, url: str):
         self.url = url
         self.engine = make_engine(url)
-        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # A read that looks twice (a ref, then the rows it points at) must see one bank: SQLite's
+        # read transaction is a snapshot already; PostgreSQL's default reads each statement anew.
+        reads = (self.engine.execution_options(isolation_level="REPEATABLE READ")
+                 if self.engine.dialect.name == "postgresql" else self.engine)
+        self._sessions = sessionmaker(reads, expire_on_commit=False)
 
     @property
     def is_sqlite(self) -> bool:
@@ -80,10 +85,18 @@ class Database:
 
     @contextmanager
     def write(self) -> Iterator[Session]:
-        """One short transaction that commits on success and rolls back on any error."""
+        """One short transaction that commits on success and rolls back on any error.
+
+        Writers go one at a time, as SQLite's BEGIN IMMEDIATE makes them: on PostgreSQL the
+        transaction first takes an advisory lock (released by its commit or rollback). Otherwise
+        concurrent writers all allocate the same `max(id) + 1` and all but one fail on the unique
+        key, again and again: with 20+ of them some ran out of retries with a raw IntegrityError.
+        """
         bind = self.engine.execution_options(sqlite_immediate=True) if self.is_sqlite else self.engine
         with Session(bind, expire_on_commit=False) as s:
             with s.begin():
+                if self.engine.dialect.name == "postgresql":
+                    s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_WRITE_LOCK})
                 yield s
 
     def dispose(self) -> None:

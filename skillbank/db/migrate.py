@@ -1,4 +1,9 @@
-"""Alembic, driven from code: create on first use, refuse an out-of-date schema, upgrade on request."""
+"""Alembic, driven from code: create on first use, refuse an out-of-date schema, upgrade on request.
+
+Every command opens the bank, and importing alembic (all its dialects) and parsing the migration
+scripts costs a quarter of a second; so the common case, a database already at HEAD, is checked
+with one SELECT and alembic is only imported when there is migrating or explaining to do.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +11,21 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from skillbank.errors import SchemaError
+
+# The newest migration's revision; tests/test_db.py checks it against the scripts.
+HEAD = "0004"
 
 
 def _location() -> str:
     return str(Path(str(resources.files("skillbank.migrations"))))
 
 
-def _config(engine=None, connection=None) -> Config:
+def _config(engine=None, connection=None):
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", _location())
     cfg.attributes["connection"] = connection
@@ -30,8 +36,11 @@ def _config(engine=None, connection=None) -> Config:
 def _scripts(location: str) -> tuple[str, frozenset[str]]:
     """(head revision, every known revision) of the migration scripts at `location`.
 
-    Parsed once per process: every command opens the bank, and the scripts do not change under it.
+    Parsed once per process: the scripts do not change under it.
     """
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
     cfg = Config()
     cfg.set_main_option("script_location", location)
     scripts = ScriptDirectory.from_config(cfg)
@@ -47,6 +56,8 @@ def _known_revisions() -> frozenset[str]:
 
 
 def current_revision(engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
 
@@ -55,6 +66,8 @@ def _state(engine) -> tuple[str | None, bool]:
     """(current revision, whether the database holds no skillbank tables), on one connection.
 
     An `alembic_version` table left empty by a downgrade to base does not count as a table."""
+    from alembic.runtime.migration import MigrationContext
+
     with engine.connect() as conn:
         current = MigrationContext.configure(conn).get_current_revision()
         tables = set(inspect(conn).get_table_names()) - {"alembic_version"}
@@ -89,6 +102,8 @@ def upgrade(engine, revision: str = "head") -> tuple[str | None, str]:
             raw.execute("PRAGMA foreign_keys=OFF")
         try:
             with conn.begin():
+                from alembic import command
+
                 command.upgrade(_config(connection=conn), revision)
                 if raw is not None:
                     bad = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
@@ -101,8 +116,20 @@ def upgrade(engine, revision: str = "head") -> tuple[str | None, str]:
     return before, current_revision(engine)
 
 
+def _at_head(engine) -> bool:
+    """One SELECT: is the database's recorded revision this skillbank's HEAD?"""
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT version_num FROM alembic_version")).all()
+    except Exception:  # no such table (a new database) or anything odd: take the full path
+        return False
+    return [r[0] for r in rows] == [HEAD]
+
+
 def ensure_current(engine) -> None:
     """New database: create it. Older schema: refuse, naming the command that fixes it."""
+    if _at_head(engine):
+        return
     current, empty = _check_upgradable(engine)
     if empty:
         upgrade(engine)

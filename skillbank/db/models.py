@@ -42,6 +42,9 @@ class Version(Base):
     alphas: Mapped[dict | None] = mapped_column(JSON)  # {"*": 0.8} or {"vision": 1.0, ...}
     group_preset: Mapped[str | None] = mapped_column(String(128))
     digest: Mapped[str] = mapped_column(String(32), index=True)  # canonical weights, xxh3-128
+    # SHA-256 of the same bytes: what `audit` decides on (xxh3 resists accidents, not forgers).
+    # NULL for versions written before migration 0004 until `skillbank db backfill-sha256`.
+    sha256: Mapped[str | None] = mapped_column(String(64))
     manifest: Mapped[str] = mapped_column(String(32))  # object: tensor specs + rebuild recipe
     source: Mapped[str | None] = mapped_column(Text)  # where the base came from
     n_params: Mapped[int] = mapped_column(BigInteger)

@@ -1,8 +1,9 @@
 """Which version, and which skills, does a checkpoint contain?
 
-The digest decides: a checkpoint whose canonical weights digest equals a version's IS that
-version, whatever its metadata says. Otherwise the answer is estimated. In a RETAIN chain
-`theta_n = theta_0 + sum_i alpha_i * tau_i`, with `tau_i = finetuned_i - parent_i`, so a
+The digest decides: a checkpoint whose canonical weights digests equal a version's IS that
+version, whatever its metadata says. SHA-256 decides; an xxh3 match alone only names a candidate,
+since xxh3 does not resist someone crafting a collision. Otherwise the answer is estimated. In a
+RETAIN chain `theta_n = theta_0 + sum_i alpha_i * tau_i`, with `tau_i = finetuned_i - parent_i`, so a
 checkpoint's offset from the base, sampled at fixed random coordinates, is regressed on every
 registered task vector: each coefficient estimates how much of that skill it holds (its alpha),
 and the residual says how much of the change no registered skill explains. Only a fixed sample of
@@ -22,7 +23,7 @@ from skillbank.merge.chain import alpha_for, manifests_of
 from skillbank.merge.methods import METHODS, apply_delta
 from skillbank.merge.plan import Piece, block_view, blocks
 from skillbank.store import ObjectStore
-from skillbank.tensors import Checkpoint, SafetensorsFile, TensorSpec, WeightsDigest
+from skillbank.tensors import Checkpoint, Digests, SafetensorsFile, TensorSpec, WeightsDigest
 from skillbank.tensors.writer import canonical
 
 SAMPLE_BLOCKS = 48  # blocks read per audit
@@ -31,14 +32,22 @@ MIN_SIGNAL = 256  # coordinates with a task-vector move well above rounding, to 
 KNOWN_PREFIXES = ("model.", "policy.", "module.", "_orig_mod.", "base_model.model.")
 
 
-def checkpoint_digest(ckpt: Checkpoint, names: dict[str, str] | None = None) -> str:
-    """The canonical weights digest of any checkpoint layout (single file, shards, any metadata)."""
+def checkpoint_digests(ckpt: Checkpoint, sha256: bool = True) -> Digests:
+    """The canonical weights digests (xxh3, SHA-256) of any checkpoint layout, in one read.
+
+    The SHA-256 is what decides an exact match: an xxh3 equality alone may be a forged collision.
+    """
     specs = [TensorSpec(i.name, i.dtype, i.shape) for i in ckpt]
-    digest = WeightsDigest(specs)
+    digest = WeightsDigest(specs, sha256=sha256)
     for spec in canonical(specs):
         for _, first, count in blocks(spec):
             digest.update(ckpt.read(spec.name, first, count))
-    return digest.hexdigest()
+    return digest.digests()
+
+
+def checkpoint_digest(ckpt: Checkpoint, names: dict[str, str] | None = None) -> str:
+    """The canonical weights digest of any checkpoint layout (single file, shards, any metadata)."""
+    return checkpoint_digests(ckpt, sha256=False).xxh3
 
 
 def match_names(bank_names: list[str], ckpt_names: list[str]) -> dict[str, str] | None:

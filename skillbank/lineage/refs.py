@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from skillbank.db.models import Ref, RefLog, Version
-from skillbank.errors import BranchMoved, RefError
+from skillbank.errors import BranchMoved, IntegrityError, RefError
 from skillbank.lineage.head import Head
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/-]{0,199}$")
@@ -34,7 +34,7 @@ def get_ref(s: Session, name: str) -> Ref | None:
 
 
 def _by_id(s: Session, vid: int, ref: str) -> Version:
-    v = s.get(Version, vid)
+    v = s.get(Version, vid) if 0 <= vid < 2**63 else None  # larger ids overflow the database's integer
     if v is None:
         raise RefError(f"unknown version {ref!r}")
     return v
@@ -48,10 +48,12 @@ def resolve(s: Session, ref: str, head: Head | None = None) -> Version:
     m = ANCESTOR_RE.match(ref)
     if m:
         v = resolve(s, m["base"], head)
+        seen = {v.id}
         for _ in range(int(m["k"] or 1)):
             if v.parent_id is None:
                 raise RefError(f"{ref!r} goes back past the base version v0")
             v = _by_id(s, v.parent_id, ref)
+            _no_cycle(v, seen)
         return v
     if ref == "HEAD":
         if head is None:
@@ -115,11 +117,20 @@ def move_branch(s: Session, name: str, old: int, new: int, action: str, author: 
     log_move(s, name, old, new, action, author, message)
 
 
+def _no_cycle(v: Version, seen: set[int]) -> None:
+    """Versions are written once with an existing parent, so only a tampered database loops."""
+    if v.id in seen:
+        raise IntegrityError(f"the parents of {v.label} form a cycle: the database was edited by hand; "
+                             "restore it from a backup")
+    seen.add(v.id)
+
+
 def ancestors(s: Session, v: Version) -> list[Version]:
     """v, its parent, ..., the base."""
-    out = [v]
+    out, seen = [v], {v.id}
     while out[-1].parent_id is not None:
         out.append(_by_id(s, out[-1].parent_id, out[-1].label))
+        _no_cycle(out[-1], seen)
     return out
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from skillbank.codecs import TaskVectorReader
 from skillbank.errors import IntegrityError
 from skillbank.store import ObjectStore
+from skillbank.store.verify import Checks
 from skillbank.tensors import SafetensorsFile, TensorSpec
 
 MANIFEST_FORMAT = "skillbank.version/1"
@@ -45,20 +46,59 @@ class Step:
         return alpha_for(self.alphas, self.groups.get(name))
 
 
+class Opened:
+    """The readers one rebuild opened, each object once (nested chains share them), and the
+    background checks of their bytes (store/verify.py)."""
+
+    def __init__(self, store: ObjectStore):
+        self.store = store
+        self.readers: dict = {}
+        self.checks = Checks()
+
+    def base(self, digest: str) -> SafetensorsFile:
+        key = ("base", digest)
+        if key not in self.readers:
+            self.readers[key] = SafetensorsFile(self.checks.start(self.store, digest))
+        return self.readers[key]
+
+    def task_vector(self, digest: str) -> TaskVectorReader:
+        key = ("tv", digest)
+        if key not in self.readers:
+            self.readers[key] = TaskVectorReader(self.store, digest, self.checks.start(self.store, digest))
+        return self.readers[key]
+
+    def close(self) -> None:
+        self.checks.cancel()
+        for r in self.readers.values():
+            r.close()
+        self.readers = {}
+
+
 @dataclass
 class Chain:
     specs: list[TensorSpec]
     base: SafetensorsFile
     steps: list[Step] = field(default_factory=list)
-    # Set by open_chain: the readers it opened, shared with nested (delta-parent) chains and
-    # closed once, by the outermost chain. None: the chain owns its base and its steps' readers.
-    closers: list | None = None
+    # The readers behind the chain; closed by the chain that opened them (`owns`), not by the
+    # nested (delta-parent) chains that share them. None: the chain owns its base and readers.
+    opened: Opened | None = None
+    owns: bool = True
+
+    def settle(self) -> None:
+        """Raise if an object this chain read is corrupt: before anything it produced is kept."""
+        if self.opened is not None:
+            self.opened.checks.settle()
+
+    def blame(self, cause: BaseException) -> None:
+        """A pass over this chain failed with `cause`: raise the corruption behind it, if any."""
+        if self.opened is not None:
+            self.opened.checks.blame(cause)
 
     def close(self) -> None:
-        if self.closers is not None:
-            for c in self.closers:
-                c.close()
-            self.closers = []
+        if not self.owns:
+            return
+        if self.opened is not None:
+            self.opened.close()
             return
         self.base.close()
         for s in self.steps:
@@ -97,28 +137,22 @@ def _manifest_chain(store: ObjectStore, manifest: str, keyframes: frozenset[str]
 
 
 def open_chain(store: ObjectStore, manifest: str, keyframes: frozenset[str] = frozenset(),
-               _pool: dict | None = None) -> Chain:
+               opened: Opened | None = None) -> Chain:
     """The chain to rebuild `manifest`; with `keyframes`, it starts at the nearest one.
 
-    Delta steps open the chain of the version their task vector was encoded against; those
-    nested chains share this one's readers (`_pool`), so each object is opened once.
+    Objects are checked while the pass streams them: a pass over the chain must `settle()` it
+    before keeping what it produced (merge/engine.py does). Delta steps open the chain of the
+    version their task vector was encoded against; nested chains share `opened`.
     """
-    top = _pool is None
-    pool: dict = {} if top else _pool
-
-    def opened(kind: str, digest: str, make):
-        if (kind, digest) not in pool:
-            pool[(kind, digest)] = make()
-        return pool[(kind, digest)]
-
+    owns = opened is None
+    pool = Opened(store) if opened is None else opened
     try:
         ms = _manifest_chain(store, manifest, keyframes)
-        start = ms[0][1]["base"] or ms[0][1]["digest"]
-        base = opened("base", start, lambda: SafetensorsFile(store.open_verified(start)))
-        chain = Chain([TensorSpec.from_json(r) for r in ms[-1][1]["tensors"]], base, closers=[])
+        chain = Chain([TensorSpec.from_json(r) for r in ms[-1][1]["tensors"]],
+                      pool.base(ms[0][1]["base"] or ms[0][1]["digest"]), opened=pool, owns=owns)
         for digest, m in ms[1:]:
             step = m["step"]
-            tv = opened("tv", step["task_vector"], lambda: TaskVectorReader(store, step["task_vector"]))
+            tv = pool.task_vector(step["task_vector"])
             apply = step.get("apply", "merge")
             if apply not in ("merge", "delta"):
                 raise IntegrityError(f"manifest {digest}: unknown step kind {apply!r}")
@@ -126,11 +160,11 @@ def open_chain(store: ObjectStore, manifest: str, keyframes: frozenset[str] = fr
                             if apply == "delta" else None)
             chain.steps.append(Step(step["method"], tv, step["alphas"], step["groups"], apply, delta_parent,
                                     digest))
-    except BaseException:
-        if top:
-            for c in pool.values():
-                c.close()
+    except BaseException as e:
+        try:
+            pool.checks.blame(e)
+        finally:
+            if owns:
+                pool.close()
         raise
-    if top:
-        chain.closers = list(pool.values())
     return chain

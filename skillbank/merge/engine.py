@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, TypeVar
@@ -24,7 +25,7 @@ from skillbank.merge.chain import Chain, alpha_for
 from skillbank.merge.methods import COMBINERS, METHODS, apply_delta
 from skillbank.merge.plan import DEFAULT_CHUNK_MB, Chunk, Piece, block_view, blocks, plan
 from skillbank.store import ObjectWriter
-from skillbank.tensors import Checkpoint, CheckpointWriter, TensorSpec, WeightsDigest, header_bytes
+from skillbank.tensors import Checkpoint, CheckpointWriter, Digests, TensorSpec, WeightsDigest, header_bytes
 from skillbank.tensors.dtypes import all_finite, compute_dtype
 from skillbank.tensors.writer import as_bytes, canonical
 
@@ -147,29 +148,52 @@ def _take(it: Iterator[T], n: int) -> list[T]:
     return out
 
 
+@contextmanager
+def checked(*chains: Chain):
+    """Run a pass over chains whose objects are still being checked (store/verify.py).
+
+    On success the checks are settled, so a corrupt object fails the pass before its result is
+    kept; on failure, a corruption behind the failure is reported instead of its symptom.
+    """
+    try:
+        yield
+    except BaseException as e:
+        for c in chains:
+            c.blame(e)
+        raise
+    for c in chains:
+        c.settle()
+
+
 def materialize(chain: Chain, writer: CheckpointWriter | None, progress: Progress = None,
-                options: Options = Options()) -> str:
-    """Rebuild every tensor into `writer` (or nowhere, to verify) and return the weights digest."""
+                options: Options = Options(), hasher: WeightsDigest | None = None) -> str:
+    """Rebuild every tensor into `writer` (or nowhere, to verify) and return the weights digest.
+
+    Pass `hasher=WeightsDigest(specs, sha256=True)` to get the SHA-256 too (from `hasher.sha256`);
+    a plain checkout skips it, so it costs only the xxh3.
+    """
     device = resolve_device(options.device)
-    digest = WeightsDigest(chain.specs)
+    digest = hasher if hasher is not None else WeightsDigest(chain.specs)
 
     def compute(chunk: Chunk) -> list[tuple[Piece, torch.Tensor]]:
         return [(piece, rebuild_piece(chain, piece, device)) for piece in chunk.pieces]
 
     n = options.n_workers
-    for results in pipeline(plan(chain.specs, options.chunk_mb), compute, n, 2 * n):
-        for piece, x in results:
-            digest.update(x)
-            if writer is not None:
-                writer.write(piece.spec.name, x)
-            if progress:
-                progress(piece.nbytes)
+    with checked(chain):
+        for results in pipeline(plan(chain.specs, options.chunk_mb), compute, n, 2 * n):
+            for piece, x in results:
+                digest.update(x)
+                if writer is not None:
+                    writer.write(piece.spec.name, x)
+                if progress:
+                    progress(piece.nbytes)
     return digest.hexdigest()
 
 
 @dataclass
 class AddStats:
     digest: str = ""  # the merged child's weights
+    sha256: str = ""  # the same bytes' SHA-256 (versions.sha256)
     finetuned_digest: str = ""
     raw_bytes: int = 0
     delta_sq: float = 0.0
@@ -225,24 +249,25 @@ def add_pass(parent: Chain, finetuned: Checkpoint, codec: Codec, tv: TaskVectorW
         return out
 
     stats = AddStats()
-    child_digest, ft_digest = WeightsDigest(parent.specs), WeightsDigest(parent.specs)
+    child_digest, ft_digest = WeightsDigest(parent.specs, sha256=True), WeightsDigest(parent.specs)
     if keep is not None:
         keep.write(header_bytes(canonical(parent.specs)))
     n = options.n_workers
-    for results in pipeline(plan(parent.specs, options.chunk_mb), compute, n, 2 * n):
-        for piece, data, f, child, (delta_sq, parent_sq, err_sq) in results:
-            tv.append(piece.spec.name, piece.spec.dtype, piece.spec.shape, data)
-            ft_digest.update(f)
-            child_digest.update(child)
-            if keep is not None:
-                keep.write(as_bytes(child))
-            stats.delta_sq += delta_sq
-            stats.parent_sq += parent_sq
-            stats.error_sq += err_sq
-            stats.raw_bytes += piece.nbytes
-            if progress:
-                progress(piece.nbytes)
-    stats.digest = child_digest.hexdigest()
+    with checked(parent):
+        for results in pipeline(plan(parent.specs, options.chunk_mb), compute, n, 2 * n):
+            for piece, data, f, child, (delta_sq, parent_sq, err_sq) in results:
+                tv.append(piece.spec.name, piece.spec.dtype, piece.spec.shape, data)
+                ft_digest.update(f)
+                child_digest.update(child)
+                if keep is not None:
+                    keep.write(as_bytes(child))
+                stats.delta_sq += delta_sq
+                stats.parent_sq += parent_sq
+                stats.error_sq += err_sq
+                stats.raw_bytes += piece.nbytes
+                if progress:
+                    progress(piece.nbytes)
+    stats.digest, stats.sha256 = child_digest.digests()
     stats.finetuned_digest = ft_digest.hexdigest()
     return stats
 
@@ -274,15 +299,16 @@ def merge_checkpoints(parent: Checkpoint, finetuned: Checkpoint, method: str, al
     return digest.hexdigest()
 
 
-def replay_digests(chain: Chain, first: int, progress: Progress = None, options: Options = Options()) -> list[str]:
-    """The weights digest after each step `first`, `first + 1`, ... of `chain`, in one pass.
+def replay_digests(chain: Chain, first: int, progress: Progress = None,
+                   options: Options = Options()) -> list[Digests]:
+    """The weights digests (xxh3, SHA-256) after each step `first`, `first + 1`, ... of `chain`, in one pass.
 
     For `rebuild --without`: every replayed version is measured while the new chain and the
     original one are rebuilt together block by block; nothing is written.
     """
     device = resolve_device(options.device)
     n = len(chain.steps) - first
-    digests = [WeightsDigest(chain.specs) for _ in range(n)]
+    digests = [WeightsDigest(chain.specs, sha256=True) for _ in range(n)]
 
     def compute(chunk: Chunk) -> list:
         out = []
@@ -293,20 +319,21 @@ def replay_digests(chain: Chain, first: int, progress: Progress = None, options:
         return out
 
     w = options.n_workers
-    for results in pipeline(plan(chain.specs, options.chunk_mb), compute, w, 2 * w):
-        for piece, xs in results:
-            for d, x in zip(digests, xs):
-                d.update(x)
-            if progress:
-                progress(piece.nbytes)
-    return [d.hexdigest() for d in digests]
+    with checked(chain):
+        for results in pipeline(plan(chain.specs, options.chunk_mb), compute, w, 2 * w):
+            for piece, xs in results:
+                for d, x in zip(digests, xs):
+                    d.update(x)
+                if progress:
+                    progress(piece.nbytes)
+    return [d.digests() for d in digests]
 
 
 def combine_pass(ancestor: Chain, sides: list[Chain], method: str, weights: list[float], params: dict,
-                 keep: ObjectWriter, progress: Progress = None, options: Options = Options()) -> str:
+                 keep: ObjectWriter, progress: Progress = None, options: Options = Options()) -> Digests:
     """Stream `COMBINERS[method]` of the ancestor and each side, block by block, into `keep`.
 
-    `keep` receives the canonical serialisation (a keyframe object); returns its weights digest.
+    `keep` receives the canonical serialisation (a keyframe object); returns its weights digests.
     Combining runs on the CPU (the DARE mask is built there; the arithmetic is the same anywhere).
     """
     fn = COMBINERS[method]
@@ -320,22 +347,27 @@ def combine_pass(ancestor: Chain, sides: list[Chain], method: str, weights: list
             out.append((piece, fn(a, ss, weights, params, (piece.spec.name, piece.first))))
         return out
 
-    digest = WeightsDigest(ancestor.specs)
+    digest = WeightsDigest(ancestor.specs, sha256=True)
     keep.write(header_bytes(canonical(ancestor.specs)))
     w = options.n_workers
-    for results in pipeline(plan(ancestor.specs, options.chunk_mb), compute, w, 2 * w):
-        for piece, x in results:
-            digest.update(x)
-            keep.write(as_bytes(x))
-            if progress:
-                progress(piece.nbytes)
-    return digest.hexdigest()
+    with checked(ancestor, *sides):
+        for results in pipeline(plan(ancestor.specs, options.chunk_mb), compute, w, 2 * w):
+            for piece, x in results:
+                digest.update(x)
+                keep.write(as_bytes(x))
+                if progress:
+                    progress(piece.nbytes)
+    return digest.digests()
 
 
 def copy_canonical(ckpt: Checkpoint, out: ObjectWriter, progress: Progress = None,
-                   options: Options = Options()) -> None:
-    """Stream a checkpoint into its canonical single-file serialisation, refusing NaN and Inf."""
+                   options: Options = Options()) -> Digests:
+    """Stream a checkpoint into its canonical single-file serialisation, refusing NaN and Inf.
+
+    Returns the serialisation's digests; the xxh3 equals the object's own digest.
+    """
     specs = [TensorSpec(i.name, i.dtype, i.shape) for i in ckpt]
+    digest = WeightsDigest(specs, sha256=True)
 
     def compute(chunk: Chunk) -> list:
         out_ = []
@@ -350,6 +382,9 @@ def copy_canonical(ckpt: Checkpoint, out: ObjectWriter, progress: Progress = Non
     n = options.n_workers
     for results in pipeline(plan(specs, options.chunk_mb), compute, n, 2 * n):
         for piece, x in results:
-            out.write(as_bytes(x))
+            data = as_bytes(x)
+            out.write(data)
+            digest.update(data)
             if progress:
                 progress(piece.nbytes)
+    return digest.digests()

@@ -70,8 +70,11 @@ class ObjectWriter:
         return digest
 
     def abort(self) -> None:
-        if not self.file.closed:
-            self.file.close()
+        try:
+            if not self.file.closed:
+                self.file.close()
+        except OSError:
+            pass  # closing flushes what is buffered, which fails on a full disk; it closes anyway
         self.tmp_path.unlink(missing_ok=True)
 
     def __enter__(self) -> "ObjectWriter":
@@ -136,27 +139,38 @@ class ObjectStore:
                 raise self._missing(digest) from None
             data = self.path(digest).read_bytes()
         if xxhash.xxh3_128_hexdigest(data) != digest:
-            raise IntegrityError(f"object {digest} is corrupt (its bytes no longer match its digest)")
+            raise self.corrupt(digest)
         return data
 
     def get_json(self, digest: str):
         return json.loads(self.get_bytes(digest))
 
+    def open_path(self, digest: str) -> Path:
+        """Path of an object, fetched from a remote if missing, NOT yet checked: the caller must
+        check it (open_verified, or store/verify.py while a pass streams it)."""
+        p = self.path(digest)
+        if not p.is_file():
+            if not self._fetch_missing(digest):
+                raise self._missing(digest)
+        return p
+
+    def verified_key(self, digest: str, path: Path) -> tuple[str, int, int]:
+        st = path.stat()
+        return (digest, st.st_size, st.st_mtime_ns)
+
     def open_verified(self, digest: str) -> Path:
         """Path of a large object whose bytes were checked against its digest in this process."""
-        p = self.path(digest)
-        try:
-            st = p.stat()
-        except FileNotFoundError:
-            if not self._fetch_missing(digest):
-                raise self._missing(digest) from None
-            st = p.stat()
-        key = (digest, st.st_size, st.st_mtime_ns)
+        p = self.open_path(digest)
+        key = self.verified_key(digest, p)
         if key not in self._verified:
             if hash_file(p) != digest:
-                raise IntegrityError(f"object {digest} is corrupt (its bytes no longer match its digest)")
+                raise self.corrupt(digest)
             self._verified.add(key)
         return p
+
+    @staticmethod
+    def corrupt(digest: str) -> IntegrityError:
+        return IntegrityError(f"object {digest} is corrupt (its bytes no longer match its digest)")
 
     def verify(self, digest: str) -> bool:
         p = self.path(digest)

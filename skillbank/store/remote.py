@@ -46,15 +46,25 @@ def normalize_url(url: str) -> str:
 # ----------------------------------------------------------------------------- configuration
 
 def _read_info(root: Path) -> dict:
+    marker = Path(root) / BANK_FILE
     try:
-        return json.loads((Path(root) / BANK_FILE).read_text())
+        info = json.loads(marker.read_text())
     except (FileNotFoundError, NotADirectoryError):
         return {}
+    except (OSError, ValueError) as e:
+        raise RemoteError(f"{marker} is damaged ({e})") from None
+    if not isinstance(info, dict):
+        raise RemoteError(f"{marker} is damaged (not a JSON object)")
+    return info
 
 
 def load_remotes(root: Path) -> dict[str, dict]:
     """{name: {"url": ..., "default": bool}} in the order they were added."""
-    return dict(_read_info(root).get("remotes") or {})
+    remotes = _read_info(root).get("remotes") or {}
+    if not isinstance(remotes, dict) or not all(
+            isinstance(n, str) and isinstance(c, dict) and isinstance(c.get("url"), str) for n, c in remotes.items()):
+        raise RemoteError(f"{Path(root) / BANK_FILE}: \"remotes\" must map names to {{\"url\": ...}}")
+    return dict(remotes)
 
 
 def save_remotes(root: Path, remotes: dict[str, dict]) -> None:

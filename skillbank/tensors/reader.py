@@ -19,11 +19,37 @@ from typing import Iterator
 
 import torch
 
-from skillbank.errors import CheckpointError
+from skillbank.errors import CheckpointError, show
 from skillbank.tensors.dtypes import ITEMSIZE, SAFETENSORS_TO_TORCH
 
 MAX_HEADER_BYTES = 100 * 2**20
+MAX_CONFIG_BYTES = 16 * 2**20
+MAX_DIM = 2**63 - 1  # what torch (int64 sizes) can hold
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".npy", ".npz", ".h5")
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise ValueError(f"key {show(dup)} appears twice")
+    return dict(pairs)
+
+
+def strict_json(raw: bytes):
+    """JSON from a file we do not trust: a duplicate key is a lie (which one counts?), and nesting
+    or numbers too deep for the parser (RecursionError, int-digit limit) are errors, not crashes."""
+    try:
+        return json.loads(raw, object_pairs_hook=_unique_keys)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def unsafe_name(name: str) -> bool:
+    """No model needs such a tensor name, and a tool that saves one file per tensor would turn it
+    into a path outside its directory (or a second line in a log or a model card)."""
+    parts = name.replace("\\", "/").split("/")
+    return not name or name.startswith("/") or ".." in parts or any(ord(c) < 32 or ord(c) == 127 for c in name)
 
 
 @dataclass(frozen=True)
@@ -93,12 +119,13 @@ class SafetensorsFile:
             raise self._fail(f"header length {n} runs past the end of the {size}-byte file (truncated?)")
         raw = os.pread(self._fd, n, 8)
         try:
-            header = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            header = strict_json(raw)
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, duplicate keys, depth
             raise self._fail(f"header is not JSON: {e}") from None
         if not isinstance(header, dict):
             raise self._fail("header is not a JSON object")
-        meta = header.pop("__metadata__", None) or {}
+        meta = header.pop("__metadata__", None)
+        meta = {} if meta is None else meta
         if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
             raise self._fail("__metadata__ must map strings to strings")
         data_start = 8 + n
@@ -112,27 +139,31 @@ class SafetensorsFile:
         spans.sort()
         for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
             if start_b < end_a:
-                raise self._fail(f"tensors {a!r} and {b!r} overlap")
+                raise self._fail(f"tensors {show(a)} and {show(b)} overlap")
         return meta, infos
 
     def _entry(self, name: str, entry, data_start: int, data_len: int) -> TensorInfo:
+        if unsafe_name(name):
+            raise self._fail(f"tensor name {show(name)} is empty, absolute, has a '..' part or a control "
+                             "character: a tool that writes tensors to files would write outside its directory")
         if not isinstance(entry, dict):
-            raise self._fail(f"entry {name!r} is not an object")
+            raise self._fail(f"entry {show(name)} is not an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in SAFETENSORS_TO_TORCH:
-            raise self._fail(f"tensor {name!r} has unsupported dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise self._fail(f"tensor {name!r} has a bad shape {shape!r}")
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_TO_TORCH:
+            raise self._fail(f"tensor {show(name)} has unsupported dtype {show(dtype)}")
+        if (not isinstance(shape, list) or not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape)
+                or math.prod(d for d in shape if d) > MAX_DIM):  # an empty tensor may not lie either
+            raise self._fail(f"tensor {show(name)} has a bad shape {show(shape)}")
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(type(o) is int for o in offsets)):
-            raise self._fail(f"tensor {name!r} has bad data_offsets {offsets!r}")
+            raise self._fail(f"tensor {show(name)} has bad data_offsets {show(offsets)}")
         begin, end = offsets
         if not 0 <= begin <= end <= data_len:
-            raise self._fail(f"tensor {name!r} offsets {offsets} fall outside the {data_len} data bytes")
+            raise self._fail(f"tensor {show(name)} offsets {show(offsets)} fall outside the {data_len} data bytes")
         expected = math.prod(shape) * ITEMSIZE[dtype]
         if end - begin != expected:
             raise self._fail(
-                f"tensor {name!r} holds {end - begin} bytes but {dtype}{shape} needs {expected}"
+                f"tensor {show(name)} holds {end - begin} bytes but {dtype}{shape} needs {expected}"
             )
         return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end, str(self.path))
 
@@ -195,6 +226,24 @@ class Checkpoint:
     def read(self, name: str, first: int = 0, count: int | None = None) -> torch.Tensor:
         return self._file_of[name].read(self.tensors[name], first, count)
 
+    def config_bytes(self) -> bytes | None:
+        """config.json, checked: a regular file of at most MAX_CONFIG_BYTES holding a JSON object
+        (it is kept in the bank and written back on every checkout, so it must be text)."""
+        if self.config is None:
+            return None
+        try:
+            if not self.config.is_file():
+                raise OSError("not a regular file")
+            with open(self.config, "rb") as f:
+                raw = f.read(MAX_CONFIG_BYTES + 1)
+            if len(raw) > MAX_CONFIG_BYTES:
+                raise ValueError(f"larger than {MAX_CONFIG_BYTES} bytes")
+            if not isinstance(strict_json(raw), dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{self.config}: not a usable config.json ({e})") from None
+        return raw
+
     def __iter__(self) -> Iterator[TensorInfo]:
         return (self.tensors[n] for n in self.names)
 
@@ -211,7 +260,7 @@ class Checkpoint:
 
 def _sharded(directory: Path, index_path: Path) -> list[Path]:
     try:
-        index = json.loads(index_path.read_text())
+        index = strict_json(index_path.read_bytes())
         weight_map = index["weight_map"]
         shard_names = sorted(set(weight_map.values()))
         if not all(isinstance(s, str) for s in shard_names):

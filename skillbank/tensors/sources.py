@@ -17,7 +17,8 @@ HF_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json", "*/co
 def resolve_hf(uri: str) -> tuple[Path, str]:
     """Download (or find in the local cache under HF_HUB_OFFLINE) and pin to a commit."""
     m = HF_RE.match(uri)
-    if not m:
+    parts = (m["repo"].split("/") + (m["rev"] or "x").split("/")) if m else []
+    if not m or any(p in ("", ".", "..") for p in parts):  # the cache turns both into paths
         raise CheckpointError(f"{uri}: expected hf://ORG/NAME[@REVISION]")
     repo, rev = m["repo"], m["rev"]
     try:

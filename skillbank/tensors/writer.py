@@ -8,12 +8,15 @@ or stamped metadata, and the bank's stored base object *is* that serialisation.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import xxhash
@@ -69,18 +72,41 @@ def as_bytes(chunk: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy())
 
 
-class WeightsDigest:
-    """Streaming xxh3-128 of the canonical serialisation; feed tensors' bytes in name order."""
+class Digests(NamedTuple):
+    """Both digests of one canonical serialisation: xxh3-128 (the address) and SHA-256 (or None)."""
 
-    def __init__(self, specs: list[TensorSpec]):
-        self._h = xxhash.xxh3_128()
-        self._h.update(header_bytes(canonical(specs)))
+    xxh3: str
+    sha256: str | None
+
+
+class WeightsDigest:
+    """Streaming xxh3-128 of the canonical serialisation; feed tensors' bytes in name order.
+
+    With `sha256=True` the same bytes also feed a SHA-256: xxh3 catches accidents, not an
+    adversary who crafts collisions, so versions record both (docs/security.md). hashlib drops
+    the GIL on large buffers, so hashing in the writer thread overlaps the workers' compute.
+    """
+
+    def __init__(self, specs: list[TensorSpec], sha256: bool = False):
+        head = header_bytes(canonical(specs))
+        self._h = xxhash.xxh3_128(head)
+        self._s = hashlib.sha256(head) if sha256 else None
 
     def update(self, chunk: torch.Tensor | bytes | memoryview) -> None:
-        self._h.update(as_bytes(chunk) if isinstance(chunk, torch.Tensor) else chunk)
+        data = as_bytes(chunk) if isinstance(chunk, torch.Tensor) else chunk
+        self._h.update(data)
+        if self._s is not None:
+            self._s.update(data)
 
     def hexdigest(self) -> str:
         return self._h.hexdigest()
+
+    @property
+    def sha256(self) -> str | None:
+        return self._s.hexdigest() if self._s is not None else None
+
+    def digests(self) -> Digests:
+        return Digests(self.hexdigest(), self.sha256)
 
 
 def plan_shards(specs: list[TensorSpec], max_shard_size: int | None) -> list[list[TensorSpec]]:
@@ -115,10 +141,14 @@ class CheckpointWriter:
         self._shard_of = {s.name: i for i, shard in enumerate(self.shards) for s in shard}
         self._tmp = [self.out_dir / f".{name}.partial" for name in self.names]
         self._files = []
-        for path, shard in zip(self._tmp, self.shards):
-            f = open(path, "wb")
-            self._files.append(f)
-            f.write(header_bytes(shard, self.metadata))
+        try:
+            for path, shard in zip(self._tmp, self.shards):
+                f = open(path, "wb", opener=no_follow)
+                self._files.append(f)
+                f.write(header_bytes(shard, self.metadata))
+        except BaseException:
+            self.abort()
+            raise
         self._pos = 0
         self._left = self._order[0].nbytes if self._order else 0
 
@@ -163,8 +193,11 @@ class CheckpointWriter:
 
     def abort(self) -> None:
         for f in self._files:
-            f.close()
-        for tmp in self._tmp:
+            try:
+                f.close()
+            except OSError:
+                pass  # closing flushes what is buffered, which fails on a full disk; it closes anyway
+        for tmp in self._tmp[:len(self._files)]:  # only the temp files this writer created
             tmp.unlink(missing_ok=True)
 
 
@@ -176,10 +209,21 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def no_follow(path, flags: int) -> int:
+    """An `opener` that will not write through a symbolic link planted where a temp file goes."""
+    return os.open(path, flags | os.O_NOFOLLOW, 0o666)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    # A temp name per writer: two `checkout`s writing HEAD at once must not share (and truncate)
+    # one temp file, which left HEAD empty or failed the second rename.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
+    try:
+        with open(tmp, "w", opener=no_follow) as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk or an I/O error must not leave the temp file
+        raise

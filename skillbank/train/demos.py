@@ -21,16 +21,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import stat
+import string
 import subprocess
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 import xxhash
 
-from skillbank.errors import SkillbankError
+from skillbank.errors import SkillbankError, show
 
 CODEBASE_VERSION = "v3.0"
 DEFAULT_CHUNK_SIZE = 1000  # LeRobot's files per chunk directory
@@ -349,6 +352,8 @@ def _feature(info: dict, key: str, where: str) -> tuple[int, str]:
 
 
 def _read_parquet(pq, root: Path, file: Path, where: str):
+    if not file.is_file():  # a pipe or a device named *.parquet would block or never end
+        raise DemosError(f"{where}: {file.relative_to(root).as_posix()} is not a regular file")
     try:
         return pq.read_table(file)
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, KeyError... for bad files
@@ -445,6 +450,28 @@ def _load_episodes(pa, pq, root: Path, where: str):
     return {k: v[order] for k, v in out.items()}
 
 
+_FORMAT_SPEC = re.compile(r"^(?:0?\d{0,2}d?)?$")  # "", "03d": what LeRobot's templates use
+
+
+def _data_template(info: dict, where: str) -> str:
+    """meta/info.json's data_path: only {chunk_index} and {file_index} with a small width, and a
+    relative path that stays inside the dataset (a hand-edited one could read any file)."""
+    template = info.get("data_path") or DATA_PATH
+    if not isinstance(template, str):
+        raise DemosError(f"{where}: meta/info.json has a data_path that is not a string")
+    try:
+        fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
+    except ValueError:
+        fields = [("", "", None)]
+    if any(f not in ("chunk_index", "file_index") or conv or not _FORMAT_SPEC.match(spec or "")
+           for f, spec, conv in fields):
+        raise DemosError(f"{where}: meta/info.json data_path {show(template)} is not a chunk/file template")
+    rel = PurePosixPath(template.format(chunk_index=0, file_index=0))
+    if rel.is_absolute() or ".." in rel.parts or "\\" in template:
+        raise DemosError(f"{where}: meta/info.json data_path {show(template)} points outside the dataset")
+    return template
+
+
 def read_demos(path) -> DemoSet:
     """Read a LeRobot v3 dataset's observation.state, action, task and episode of every frame.
 
@@ -462,9 +489,7 @@ def read_demos(path) -> DemoSet:
         fps = int(fps)
     if not isinstance(fps, int) or isinstance(fps, bool) or fps <= 0:
         raise DemosError(f"{where}: meta/info.json has fps {fps!r}, expected a positive integer")
-    data_template = info.get("data_path") or DATA_PATH
-    if not isinstance(data_template, str):
-        raise DemosError(f"{where}: meta/info.json has a data_path that is not a string")
+    data_template = _data_template(info, where)
 
     all_data = sorted((root / DATA_DIR).glob("chunk-*/*.parquet")) if (root / DATA_DIR).is_dir() else []
     if not all_data:
@@ -561,10 +586,13 @@ def demos_digest(path) -> str:
     h = xxhash.xxh3_128()
     try:
         for rel, p in files:
+            info = p.stat()
+            if not stat.S_ISREG(info.st_mode):  # a pipe or /dev/zero would never end
+                raise DemosError(f"{path}: {rel} is not a regular file")
             raw = rel.encode()
             h.update(len(raw).to_bytes(8, "little"))
             h.update(raw)
-            h.update(p.stat().st_size.to_bytes(8, "little"))
+            h.update(info.st_size.to_bytes(8, "little"))
             with open(p, "rb") as fh:
                 while block := fh.read(_BLOCK):
                     h.update(block)
