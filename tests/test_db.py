@@ -123,7 +123,13 @@ def test_fresh_database_is_created_at_head(tmp_path, db_url):
 def test_open_on_an_empty_database_creates_the_schema_and_says_so(bank_with_history, tmp_path, request):
     root, db_url, _ = bank_with_history
     if db_url is None:
-        other = f"sqlite:///{tmp_path / 'other.db'}"
+        # A SQLite URL naming no file is refused before connecting: only `init` creates one.
+        missing = tmp_path / "other.db"
+        with pytest.raises(SkillbankError, match="no SQLite database at .*only at `init`"):
+            Bank.open(root, f"sqlite:///{missing}")
+        assert not missing.exists()
+        sqlite3.connect(missing).execute("VACUUM").connection.close()  # an empty database file
+        other = f"sqlite:///{missing}"
     else:
         other = request.getfixturevalue("pg_url")
     with pytest.raises(SkillbankError, match="holds no bank.*skillbank init"):

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "stress"))
+sys.path.insert(0, str(ROOT / "stress"))  # fuzz.py imports fuzz_inputs as a sibling module
 
-import fuzz  # noqa: E402  (stress/ is not a package on every checkout's path)
+import fuzz  # noqa: E402
 
 from skillbank.errors import IntegrityError  # noqa: E402
 

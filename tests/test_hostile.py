@@ -38,7 +38,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import load_model, make_finetuned, make_model, make_tensors, save_model
+from conftest import load_model, make_finetuned, make_model, save_model
 from skillbank.cli import cli, main
 from skillbank.train.demos import write_demos
 
@@ -301,6 +301,16 @@ def big_number(h):
     return json.dumps(h).replace('"@"', "9" * 5000).encode()
 
 
+def sparse_file(name: str, header_length: int, size: int):
+    """A file of `size` bytes (a hole after the length field) that claims a `header_length` header."""
+    def build(c: Ctx) -> Path:
+        p = c.path(name)
+        p.write_bytes(struct.pack("<Q", header_length))
+        os.truncate(p, size)
+        return p
+    return build
+
+
 def truncated(c: Ctx) -> Path:
     raw = c.ft.read_bytes()
     p = c.path("short.safetensors")
@@ -341,7 +351,7 @@ def bank_json(change: Callable[[dict, Ctx], None]):
         path = c.bank / "bank.json"
         info = json.loads(path.read_text())
         change(info, c)
-        path.write_text(json.dumps(info) if isinstance(info, dict) else info)
+        path.write_text(json.dumps(info))
     return tamper
 
 
@@ -367,7 +377,7 @@ def lerobot_dir(config: Callable[[Ctx, Path], None]):
     return build
 
 
-def fifo(c: Ctx, p: Path) -> None:
+def fifo(p: Path) -> None:
     p.parent.mkdir(parents=True, exist_ok=True)
     os.mkfifo(p)
 
@@ -408,6 +418,8 @@ CASES: dict[str, tuple[str, Callable[[Ctx], list], str]] = {
     "header-length-past-eof": ("header", add(lambda c: c.lie("len", lambda h: None, length=lambda size: size - 7)),
                                "runs past the end"),
     "header-length-huge": ("header", add(lambda c: c.lie("len-huge", lambda h: None, length=lambda size: 2**63)), "larger than"),
+    "header-over-the-100-MiB-cap": ("header", add(sparse_file("big.safetensors", 100 * 2**20 + 1, 101 * 2**20)),
+                                    "larger than"),
     "header-not-json": ("header", add(lambda c: c.lie("notjson", lambda h: b"{not json")), "not JSON"),
     "header-not-utf8": ("header", add(lambda c: c.lie("utf8", lambda h: b'{"\xff": 1}')), "not JSON"),
     "header-duplicate-key": ("header", add(lambda c: c.lie("dup", dup_key)), "appears twice"),
@@ -476,6 +488,9 @@ CASES: dict[str, tuple[str, Callable[[Ctx], list], str]] = {
     "nan-in-a-shard": ("nonfinite", add(sharded("sh-nan", tweak=lambda c, d, a, b, wm: b.update(
         {"vision.enc.weight": b["vision.enc.weight"].clone().fill_(float("nan"))}))), "NaN"),
 
+    "nan-in-base": ("nonfinite", init(lambda c: save_model(c.path("nan-base.safetensors"), {
+        "w": torch.tensor([1.0, float("nan")], dtype=torch.bfloat16)})), "NaN"),
+
     # --- alpha outside [0, 1]
     "alpha-minus-inf": ("alpha", add_ft(alpha="-inf"), "outside [0, 1]"),
     "alpha-just-above-1": ("alpha", add_ft(alpha="1.0000001"), "outside [0, 1]"),
@@ -485,12 +500,15 @@ CASES: dict[str, tuple[str, Callable[[Ctx], list], str]] = {
     "alpha-group-nan": ("alpha", add_ft(alpha="vision=nan,language=1,action=1"), "outside [0, 1]"),
     "alpha-group-without-value": ("alpha", add_ft(alpha="vision=,language=1,action=1"), "not a number"),
     "alpha-two-plain-values": ("alpha", add_ft(alpha="0.5,0.5"), "not a number"),
+    "merge-weight-nan": ("alpha", lambda c: ["merge", "main", "side", "--weights", "nan,1"], "two finite numbers"),
     "alpha-bad-before-training": ("alpha", demos_add(lambda c: c.demos(), alpha="2"), "outside [0, 1]"),
 
     # --- unknown refs, and cycles a tampered bank could hold
     "ref-version-beyond-int64": ("refs", lambda c: ["log", "v" + "9" * 30], "unknown version"),
     "ref-version-int64-max-plus-1": ("refs", lambda c: ["checkout", f"v{2**63}"], "unknown version"),
     "ref-ancestor-huge": ("refs", lambda c: ["show", "main~" + "9" * 40], "past the base"),
+    "ref-ancestor-5000-digits": ("refs", lambda c: ["log", "main~" + "9" * 5000], "past the base"),
+    "ref-version-5000-digits": ("refs", lambda c: ["show", "v" + "9" * 5000], "unknown version"),
     "ref-empty": ("refs", lambda c: ["show", " "], "empty ref"),
     "ref-unknown-digest": ("refs", lambda c: ["show", "0123456789abcdef"], "unknown ref"),
     "head-not-json": ("refs", then(head_file("garbage"), ["log"]), "HEAD is unreadable"),
@@ -509,6 +527,9 @@ CASES: dict[str, tuple[str, Callable[[Ctx], list], str]] = {
                                                  ["checkout", "v1", "--out", lambda c: c.path("out")]), "cycle"),
     "cycle-ancestor-ref": ("refs", then(lambda c: c.sql("UPDATE versions SET parent_id = 1 WHERE id = 1"),
                                         ["show", "v1~1000000000"]), "cycle"),
+    "cycle-audit": ("refs", then(lambda c: c.sql("UPDATE versions SET parent_id = 2 WHERE id = 1",
+                                                 "UPDATE versions SET parent_id = 1 WHERE id = 2"),
+                                 ["audit", lambda c: c.ft]), "not older"),
     "cycle-rollback": ("refs", then(lambda c: c.sql("UPDATE versions SET parent_id = 1 WHERE id = 1"),
                                     ["rollback", "v0", "--branch", "main"]), "cycle"),
 
@@ -522,13 +543,13 @@ CASES: dict[str, tuple[str, Callable[[Ctx], list], str]] = {
         data_path="data/{chunk_index:0999999999d}/{file_index}.parquet"))), "not a chunk/file template"),
     "demos-format-attribute": ("demos", demos_add(info_edit(lambda i: i.update(
         data_path="data/{chunk_index.__class__}/{file_index}.parquet"))), "not a chunk/file template"),
-    "demos-fifo-inside": ("demos", demos_add(demos_with(lambda d: fifo(None, d / "meta" / "pipe"))),
+    "demos-fifo-inside": ("demos", demos_add(demos_with(lambda d: fifo(d / "meta" / "pipe"))),
                           "not a regular file"),
     "demos-link-to-dev-zero": ("demos", demos_add(demos_with(lambda d: os.symlink("/dev/zero", d / "zero"))),
                                "not a regular file"),
     "demos-fifo-as-episodes": ("demos", demos_add(demos_with(lambda d: (
         os.remove(d / "meta/episodes/chunk-000/file-000.parquet"),
-        fifo(None, d / "meta/episodes/chunk-000/file-000.parquet")))), "not a regular file"),
+        fifo(d / "meta/episodes/chunk-000/file-000.parquet")))), "not a regular file"),
 
     # --- configuration that points outside the bank
     "config-db-url-names-missing-sqlite": ("config", then(bank_json(lambda i, c: i.update(

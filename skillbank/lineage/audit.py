@@ -19,6 +19,7 @@ import torch
 import xxhash
 
 from skillbank.codecs import TaskVectorReader
+from skillbank.errors import IntegrityError
 from skillbank.merge.chain import alpha_for, manifests_of
 from skillbank.merge.methods import METHODS, apply_delta
 from skillbank.merge.plan import Piece, block_view, blocks
@@ -95,6 +96,10 @@ class Sampler:
     def __init__(self, store: ObjectStore, nodes: list[VersionNode]):
         self.store = store
         self.nodes = sorted(nodes, key=lambda n: n.id)  # a parent is always older than its child
+        for n in self.nodes:  # ... unless the database was edited by hand (a cycle, a parent from the future)
+            if n.parent_id is not None and n.parent_id >= n.id:
+                raise IntegrityError(f"v{n.id} has parent v{n.parent_id}, which is not older: the database was "
+                                     "edited by hand; restore it from a backup")
         base_manifest = manifests_of(store, self.nodes[0].manifest)[0]
         self.base = SafetensorsFile(store.open_verified(base_manifest["base"]))
         self.steps: dict[int, dict] = {}

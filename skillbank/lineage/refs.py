@@ -33,6 +33,11 @@ def get_ref(s: Session, name: str) -> Ref | None:
     return s.get(Ref, name)
 
 
+def _count(digits: str) -> int:
+    """An id or ancestor count; more digits than any int64 (or than int() converts) is 2**63."""
+    return int(digits) if len(digits) <= 19 else 2**63
+
+
 def _by_id(s: Session, vid: int, ref: str) -> Version:
     v = s.get(Version, vid) if 0 <= vid < 2**63 else None  # larger ids overflow the database's integer
     if v is None:
@@ -49,7 +54,7 @@ def resolve(s: Session, ref: str, head: Head | None = None) -> Version:
     if m:
         v = resolve(s, m["base"], head)
         seen = {v.id}
-        for _ in range(int(m["k"] or 1)):
+        for _ in range(_count(m["k"] or "1")):
             if v.parent_id is None:
                 raise RefError(f"{ref!r} goes back past the base version v0")
             v = _by_id(s, v.parent_id, ref)
@@ -66,7 +71,7 @@ def resolve(s: Session, ref: str, head: Head | None = None) -> Version:
         return _by_id(s, head.version, ref)
     m = VERSION_RE.match(ref)
     if m:
-        return _by_id(s, int(m[1]), ref)
+        return _by_id(s, _count(m[1]), ref)
     r = get_ref(s, ref)
     if r is not None:
         return _by_id(s, r.version_id, ref)
