@@ -279,3 +279,47 @@ def assert_within_one_ulp(actual: dict, expected_exact: dict) -> None:
 def objects_snapshot(bank_dir: str | Path) -> set[str]:
     root = Path(bank_dir) / "objects"
     return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()} if root.is_dir() else set()
+
+
+# ----------------------------------------------------------------------------- the console entry point
+
+class CommandHung(BaseException):
+    """A BaseException, so that no handler of the command under test can swallow it as an error."""
+
+
+def run_main(*args, timeout: int = 0) -> tuple[int, str, str]:
+    """`skillbank ARGS` through the console entry point main(), in-process: (exit code, stdout, stderr).
+
+    An exception main() does not turn into an exit code escapes and fails the test, traceback and
+    all: exactly what a user must never see. `timeout` (s): SIGALRM raises CommandHung in the
+    command, for inputs that could make it loop.
+    """
+    import signal
+    import sys
+
+    from click.testing import CliRunner
+
+    from skillbank.cli import main
+
+    def _alarm(signum, frame):
+        raise CommandHung(f"no outcome within {timeout} s (a loop over a cycle, a read that never ends?)")
+
+    runner, old = CliRunner(), sys.argv
+    previous = signal.signal(signal.SIGALRM, _alarm) if timeout else None
+    code = 0
+    with runner.isolation() as (out, err, _):
+        sys.argv = ["skillbank", *map(str, args)]
+        if timeout:
+            signal.alarm(timeout)
+        try:
+            main()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        finally:
+            if timeout:
+                signal.alarm(0)
+                signal.signal(signal.SIGALRM, previous)
+            sys.argv = old
+            sys.stdout.flush()
+            sys.stderr.flush()
+        return code, out.getvalue().decode(), err.getvalue().decode()

@@ -29,8 +29,8 @@ from sqlalchemy import create_engine, text
 
 from conftest import (SMALL_SPECS, assert_within_one_ulp, finetune_tensors, group_of, load_model,
                       make_finetuned, make_model, make_tensors, objects_snapshot, read_safetensors_np,
-                      retain_np, save_model)
-from skillbank.cli import cli, main
+                      retain_np, run_main, save_model)
+from skillbank.cli import cli
 
 
 # ----------------------------------------------------------------------------- driving the CLI
@@ -66,20 +66,7 @@ class SB:
 
         An exception that main() does not turn into an exit code escapes here and fails the test,
         traceback and all: exactly what a user must never see."""
-        runner = CliRunner()
-        old_argv = sys.argv
-        code = 0
-        with runner.isolation() as (out, err, _mixed):
-            sys.argv = ["skillbank", *self.argv(args, with_db)]
-            try:
-                main()
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            finally:
-                sys.argv = old_argv
-                sys.stdout.flush()
-                sys.stderr.flush()
-            return code, out.getvalue().decode(), err.getvalue().decode()
+        return run_main(*self.argv(args, with_db))
 
     def fail(self, *args, code: int = 1, with_db: bool = False) -> str:
         """The command must fail with `code` and exactly one line on stderr; returns that line."""

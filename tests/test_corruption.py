@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,9 +26,9 @@ import xxhash
 from click.testing import CliRunner
 from sqlalchemy import update
 
-from conftest import make_finetuned, make_model, objects_snapshot
+from conftest import make_finetuned, make_model, objects_snapshot, run_main
 from skillbank.api import Bank
-from skillbank.cli import cli, main
+from skillbank.cli import cli
 from skillbank.db import TaskVector, Version
 from skillbank.lineage.uses import ObjectUses
 from skillbank.store.damage import LOST_AND_FOUND
@@ -59,19 +58,7 @@ class SB:
 
     def fail(self, *args) -> str:
         """Through the console entry point: exit 1, exactly one line on stderr, no traceback."""
-        runner = CliRunner()
-        old_argv, got = sys.argv, 0
-        with runner.isolation() as (out, err, _):
-            sys.argv = ["skillbank", *self.argv(args)]
-            try:
-                main()
-            except SystemExit as e:
-                got = e.code if isinstance(e.code, int) else 1
-            finally:
-                sys.argv = old_argv
-                sys.stdout.flush()
-                sys.stderr.flush()
-            stdout, stderr = out.getvalue().decode(), err.getvalue().decode()
+        got, stdout, stderr = run_main(*self.argv(args))
         assert got == 1, f"exit {got}\nstdout: {stdout}\nstderr: {stderr}"
         lines = stderr.splitlines()
         assert len(lines) == 1 and "Traceback" not in stderr, stderr

@@ -18,13 +18,11 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from click.testing import CliRunner
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy import exc as sa_exc
 
-from conftest import make_finetuned, make_model
+from conftest import make_finetuned, make_model, run_main
 from skillbank.api import Bank
-from skillbank.cli import main
 from skillbank.db import Base, Ref
 from skillbank.db import migrate
 from skillbank.errors import SchemaError, SkillbankError
@@ -56,22 +54,6 @@ def url_of(root: Path, db_url: str | None) -> str:
     return db_url or f"sqlite:///{root.resolve() / 'bank.db'}"
 
 
-def run_cli(*args) -> tuple[int, str, str]:
-    """The console entry point in-process: (exit code, stdout, stderr)."""
-    runner = CliRunner()
-    old = sys.argv
-    code = 0
-    with runner.isolation() as (out, err, _):
-        sys.argv = ["skillbank", *map(str, args)]
-        try:
-            main()
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        finally:
-            sys.argv = old
-            sys.stdout.flush()
-            sys.stderr.flush()
-        return code, out.getvalue().decode(), err.getvalue().decode()
 
 
 def one_line_error(code: int, out: str, err: str) -> str:
@@ -139,7 +121,7 @@ def test_open_on_an_empty_database_creates_the_schema_and_says_so(bank_with_hist
         assert revision_of(engine) == migrate.head_revision()
     finally:
         engine.dispose()
-    code, out, err = run_cli("--bank", root, "--db", other, "log")
+    code, out, err = run_main("--bank", root, "--db", other, "log")
     assert "holds no bank" in one_line_error(code, out, err)
 
 
@@ -184,14 +166,14 @@ BAD_URLS = {
 def test_unusable_database_url_is_one_line(tmp_path, url):
     base = make_model(tmp_path / "base.safetensors")
     # init: nothing is left behind
-    line = one_line_error(*run_cli("--bank", tmp_path / "new", "--db", url, "init", "--base", base))
+    line = one_line_error(*run_main("--bank", tmp_path / "new", "--db", url, "init", "--base", base))
     assert "s3cret" not in line
     assert not (tmp_path / "new").exists()
     # an existing bank opened with a URL that cannot work
     Bank.init(tmp_path / "bank", str(base))[0].close()
-    line = one_line_error(*run_cli("--bank", tmp_path / "bank", "--db", url, "log"))
+    line = one_line_error(*run_main("--bank", tmp_path / "bank", "--db", url, "log"))
     assert "s3cret" not in line
-    code, out, err = run_cli("--bank", tmp_path / "bank", "log", "--json")
+    code, out, err = run_main("--bank", tmp_path / "bank", "log", "--json")
     assert code == 0 and json.loads(out)[0]["version"] == "v0"
 
 
@@ -209,10 +191,10 @@ def test_out_of_date_schema_is_refused_until_db_upgrade(bank_with_history, tmp_p
 
     with pytest.raises(SchemaError, match="skillbank db upgrade"):
         Bank.open(root, db_url)
-    line = one_line_error(*run_cli("--bank", root, "log"))
+    line = one_line_error(*run_main("--bank", root, "log"))
     assert "skillbank db upgrade" in line and older in line and head in line
 
-    code, out, err = run_cli("--bank", root, "db", "upgrade", "--json")
+    code, out, err = run_main("--bank", root, "db", "upgrade", "--json")
     assert code == 0, err
     r = json.loads(out)
     assert (r["from"], r["to"]) == (older, head)
@@ -225,7 +207,7 @@ def test_out_of_date_schema_is_refused_until_db_upgrade(bank_with_history, tmp_p
         assert bank.fsck()["ok"] is True
     finally:
         bank.close()
-    code, out, err = run_cli("--bank", root, "db", "upgrade", "--json")  # already current: a no-op
+    code, out, err = run_main("--bank", root, "db", "upgrade", "--json")  # already current: a no-op
     r = json.loads(out)
     assert code == 0 and (r["from"], r["to"]) == (head, head)
 
@@ -236,10 +218,10 @@ def test_schema_from_a_newer_skillbank_is_refused(bank_with_history):
         conn.execute(text("UPDATE alembic_version SET version_num = 'ffff0000ffff'"))
     with pytest.raises(SchemaError, match="newer"):
         Bank.open(root, db_url)
-    line = one_line_error(*run_cli("--bank", root, "log"))
+    line = one_line_error(*run_main("--bank", root, "log"))
     assert "ffff0000ffff" in line and "upgrade skillbank" in line
     # `db upgrade` cannot go forward from a revision it does not know: one line, nothing changed
-    line = one_line_error(*run_cli("--bank", root, "db", "upgrade"))
+    line = one_line_error(*run_main("--bank", root, "db", "upgrade"))
     assert "ffff0000ffff" in line
     assert revision_of(engine) == "ffff0000ffff"
 
@@ -250,9 +232,9 @@ def test_database_without_a_schema_version_is_refused(bank_with_history):
         conn.execute(text("DELETE FROM alembic_version"))
     with pytest.raises(SchemaError, match="no skillbank schema version"):
         Bank.open(root, db_url)
-    one_line_error(*run_cli("--bank", root, "log"))
+    one_line_error(*run_main("--bank", root, "log"))
     # `db upgrade` must not try to create tables over the existing ones
-    line = one_line_error(*run_cli("--bank", root, "db", "upgrade"))
+    line = one_line_error(*run_main("--bank", root, "db", "upgrade"))
     assert "schema version" in line
     assert BANK_TABLES <= set(inspect(engine).get_table_names())
     with engine.connect() as conn:
@@ -266,7 +248,7 @@ def test_downgraded_to_base_is_refused_with_one_line(bank_with_history):
     assert not BANK_TABLES & set(inspect(engine).get_table_names())
     with pytest.raises(SkillbankError):
         Bank.open(root, db_url)
-    one_line_error(*run_cli("--bank", root, "log"))
+    one_line_error(*run_main("--bank", root, "log"))
 
 
 # ----------------------------------------------------------------------------- migrations

@@ -24,11 +24,9 @@ import json
 import os
 import pickle
 import shutil
-import signal
 import sqlite3
 import stat
 import struct
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -38,8 +36,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import load_model, make_finetuned, make_model, save_model
-from skillbank.cli import cli, main
+from conftest import load_model, make_finetuned, make_model, run_main, save_model
+from skillbank.cli import cli
 from skillbank.train.demos import write_demos
 
 MARKER = "UNPICKLED"
@@ -169,36 +167,7 @@ def snapshot(ctx: Ctx) -> dict:
             "around": files_under(ctx.tmp, {f"bank/{f}" for f in DB_FILES} | {"bank"})}
 
 
-class Hang(BaseException):
-    """Raised by the alarm: BaseException, so no `except Exception` in skillbank swallows it."""
-
-
-def _alarm(signum, frame):
-    raise Hang(f"no outcome within {CASE_SECONDS} s (a loop over a cycle, a read that never ends?)")
-
-
 CASE_SECONDS = 60
-
-
-def run_main(argv: list[str]) -> tuple[int, str, str]:
-    """The console entry point in-process; an exception main() lets through fails the test."""
-    runner, old = CliRunner(), sys.argv
-    previous = signal.signal(signal.SIGALRM, _alarm)
-    with runner.isolation() as (out, err, _):
-        sys.argv = ["skillbank", *argv]
-        code = 0
-        signal.alarm(CASE_SECONDS)
-        try:
-            main()
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        finally:
-            signal.alarm(0)
-            signal.signal(signal.SIGALRM, previous)
-            sys.argv = old
-            sys.stdout.flush()
-            sys.stderr.flush()
-        return code, out.getvalue().decode(), err.getvalue().decode()
 
 
 # ----------------------------------------------------------------------------- case builders
@@ -604,7 +573,7 @@ def test_hostile_input_fails_with_one_line_and_changes_nothing(case, template, t
     argv = args if args[0] == "--bank" else ["--bank", str(ctx.bank), *args]
     before = snapshot(ctx)
 
-    code, stdout, stderr = run_main(argv)
+    code, stdout, stderr = run_main(*argv, timeout=CASE_SECONDS)
 
     lines = stderr.splitlines()
     assert code == 1, f"exit {code}\nstdout: {stdout}\nstderr: {stderr}"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import traceback
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,9 +23,9 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import load_model, make_finetuned, make_model, objects_snapshot
+from conftest import load_model, make_finetuned, make_model, objects_snapshot, run_main
 from skillbank import hub
-from skillbank.cli import cli, main
+from skillbank.cli import cli
 
 CONFIG = {"type": "act", "n_obs_steps": 1, "chunk_size": 4}
 
@@ -54,19 +53,7 @@ class SB:
 
     def fail(self, *args, code: int = 1) -> str:
         """Through the console entry point: exit `code`, one line on stderr, no traceback."""
-        runner = CliRunner()
-        old_argv, got = sys.argv, 0
-        with runner.isolation() as (out, err, _):
-            sys.argv = ["skillbank", *self.argv(args)]
-            try:
-                main()
-            except SystemExit as e:
-                got = e.code if isinstance(e.code, int) else 1
-            finally:
-                sys.argv = old_argv
-                sys.stdout.flush()
-                sys.stderr.flush()
-            stdout, stderr = out.getvalue().decode(), err.getvalue().decode()
+        got, stdout, stderr = run_main(*self.argv(args))
         assert got == code, f"exit {got}, expected {code}\nstdout: {stdout}\nstderr: {stderr}"
         lines = stderr.splitlines()
         assert len(lines) == 1 and lines[0].strip(), f"expected one line on stderr, got {stderr!r}"

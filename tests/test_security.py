@@ -14,20 +14,17 @@ import json
 import os
 import stat
 import struct
-import sys
 from pathlib import Path
 
 import pytest
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from click.testing import CliRunner
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import make_url
 
-from conftest import make_finetuned, make_model
+from conftest import make_finetuned, make_model, run_main
 from skillbank.api import Bank
-from skillbank.cli import main
 
 FAKE = "0" * 64  # a SHA-256 no real checkpoint has
 
@@ -68,26 +65,10 @@ def canonical_sha256(checkout: Path) -> str:
 
 # ----------------------------------------------------------------------------- helpers
 
-def run_cli(*args) -> tuple[int, str, str]:
-    """The console entry point in-process: (exit code, stdout, stderr)."""
-    runner = CliRunner()
-    old = sys.argv
-    code = 0
-    with runner.isolation() as (out, err, _):
-        sys.argv = ["skillbank", *map(str, args)]
-        try:
-            main()
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        finally:
-            sys.argv = old
-            sys.stdout.flush()
-            sys.stderr.flush()
-        return code, out.getvalue().decode(), err.getvalue().decode()
 
 
 def cli_json(*args):
-    code, out, err = run_cli(*args, "--json")
+    code, out, err = run_main(*args, "--json")
     assert code == 0, err
     return json.loads(out)
 
@@ -164,14 +145,14 @@ def test_checkout_verify_sha256_refuses_a_mismatch_in_one_line(history, tmp_path
     root, db_url, _ = history
     set_sha256(root, db_url, 2, FAKE)
     out = tmp_path / "forged"
-    line = one_line_error(*run_cli("--bank", root, "checkout", "v2", "--out", out, "--verify-sha256")[::2])
+    line = one_line_error(*run_main("--bank", root, "checkout", "v2", "--out", out, "--verify-sha256")[::2])
     assert "SHA-256" in line and FAKE in line
     assert not (out / "model.safetensors").exists()
     # a plain checkout stays cheap: it checks xxh3 only (that is the point of the flag)
-    code, _, err = run_cli("--bank", root, "checkout", "v2", "--out", out)
+    code, _, err = run_main("--bank", root, "checkout", "v2", "--out", out)
     assert code == 0, err
     # and the flag needs somewhere to rebuild to
-    one_line_error(*run_cli("--bank", root, "checkout", "v2", "--verify-sha256")[::2])
+    one_line_error(*run_main("--bank", root, "checkout", "v2", "--verify-sha256")[::2])
 
 
 def test_fsck_checks_the_sha256_of_every_rebuild(history):
@@ -182,7 +163,7 @@ def test_fsck_checks_the_sha256_of_every_rebuild(history):
     r = bank.fsck()
     assert r["ok"] is False
     assert [p["version"] for p in r["problems"]] == ["v3"] and "SHA-256" in r["problems"][0]["problem"]
-    code, out, _ = run_cli("--bank", root, "fsck", "--json")
+    code, out, _ = run_main("--bank", root, "fsck", "--json")
     assert code == 1 and json.loads(out)["problems"][0]["version"] == "v3"
 
 
@@ -200,13 +181,13 @@ def test_audit_decides_on_sha256(history, tmp_path):
     # The database says v2's SHA-256 is something else: the checkpoint still collides with v2's
     # xxh3 but is not v2 - exactly what a forged checkpoint would look like.
     set_sha256(root, db_url, 2, FAKE)
-    code, stdout, err = run_cli("--bank", root, "audit", out, "--json")
+    code, stdout, err = run_main("--bank", root, "audit", out, "--json")
     r = json.loads(stdout)
     assert code == 0, err  # audit's exit codes are unchanged: only a gate exits non-zero
     assert (r["match"], r["version"], r["skills"], r["verified_by"]) == ("none", None, [], None)
     assert r["collides_with"] == "v2" and r["digest"] == bank.show("v2")["digest"]
     assert "v2" in r["reason"] and "SHA-256" in r["reason"] and "xxh3" in r["reason"]
-    code, _, err = run_cli("--bank", root, "audit", out, "--require-skill", "s2")
+    code, _, err = run_main("--bank", root, "audit", out, "--require-skill", "s2")
     assert code == 3 and "s2" in err
 
 
@@ -215,7 +196,7 @@ def test_audit_of_a_version_without_sha256_says_it_rests_on_xxh3(history, tmp_pa
     out = tmp_path / "v1"
     bank.checkout("v1", out)
     set_sha256(root, db_url, 1, None)
-    code, stdout, err = run_cli("--bank", root, "audit", out, "--json")
+    code, stdout, err = run_main("--bank", root, "audit", out, "--json")
     r = json.loads(stdout)
     assert code == 0
     assert (r["match"], r["version"], r["verified_by"]) == ("exact", "v1", "xxh3")
@@ -240,7 +221,7 @@ def test_migration_0004_from_a_0003_bank_then_backfill(history, tmp_path):
         with engine.begin() as conn:
             command.downgrade(_alembic(conn), "0003")
         assert "sha256" not in {c["name"] for c in inspect(engine).get_columns("versions")}
-        one_line_error(*run_cli("--bank", root, "log")[::2])  # an 0003 schema is refused ...
+        one_line_error(*run_main("--bank", root, "log")[::2])  # an 0003 schema is refused ...
 
         r = cli_json("--bank", root, "db", "upgrade")  # ... until `db upgrade`
         assert (r["from"], r["to"], r["sha256_missing"]) == ("0003", "0004", 6)
@@ -252,7 +233,7 @@ def test_migration_0004_from_a_0003_bank_then_backfill(history, tmp_path):
 
     assert set(recorded_all(root).values()) == {None}
     assert cli_json("--bank", root, "fsck")["sha256_missing"] == [f"v{i}" for i in range(6)]
-    line = one_line_error(*run_cli("--bank", root, "checkout", "v2", "--out", tmp_path / "x",
+    line = one_line_error(*run_main("--bank", root, "checkout", "v2", "--out", tmp_path / "x",
                                    "--verify-sha256")[::2])
     assert "backfill-sha256" in line
 
@@ -272,7 +253,7 @@ def test_backfill_records_nothing_for_a_version_that_does_not_rebuild_to_its_dig
             conn.execute(text("UPDATE versions SET digest = :d WHERE id = 1"), {"d": "f" * 32})
     finally:
         engine.dispose()
-    code, out, _ = run_cli("--bank", root, "db", "backfill-sha256", "--json")
+    code, out, _ = run_main("--bank", root, "db", "backfill-sha256", "--json")
     r = json.loads(out)
     assert code == 1 and r["filled"] == [] and r["problems"][0]["version"] == "v1"
     assert bank.show("v1")["sha256"] is None
@@ -342,7 +323,7 @@ def test_postgresql_roles_of_the_security_doc(pg_server, pg_url, tmp_path):
     writer = ["--bank", root, "--db", as_role["w"]]
     for args in (["add-skill", "s", "--finetuned", ft, "--alpha", "0.8"], ["tag", "t", "v1"],
                  ["rollback", "v0"], ["pin", "v1"], ["pin", "v1", "--unpin"], ["revoke", "s", "--reason", "x"]):
-        code, _, err = run_cli(*writer, *args)
+        code, _, err = run_main(*writer, *args)
         assert code == 0, (args, err)
     engine = create_engine(as_role["w"])
     try:
@@ -354,6 +335,6 @@ def test_postgresql_roles_of_the_security_doc(pg_server, pg_url, tmp_path):
 
     reader = ["--bank", root, "--db", as_role["r"]]
     assert cli_json(*reader, "audit", tmp_path / "base.safetensors")["verified_by"] == "sha256"
-    line = one_line_error(*run_cli(*reader, "add-skill", "s2", "--finetuned", ft, "--alpha", "0.5",
+    line = one_line_error(*run_main(*reader, "add-skill", "s2", "--finetuned", ft, "--alpha", "0.5",
                                    "--from", "v0", "--branch", "b2")[::2])
     assert "permission denied" in line
