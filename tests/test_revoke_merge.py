@@ -15,8 +15,8 @@ import xxhash
 from sqlalchemy import create_engine, inspect, text
 
 from conftest import (assert_within_one_ulp, finetune_tensors, load_model, make_model, read_safetensors_np,
-                      save_model)
-from test_db import alembic_config, revision_of, run_cli, script_dir
+                      run_main, save_model)
+from test_db import alembic_config, revision_of, script_dir
 from alembic import command
 from skillbank.api import Bank
 from skillbank.db import migrate
@@ -78,19 +78,19 @@ def test_revoke_flags_audit_and_gates(chain_bank, tmp_path):
     assert bank.show("v2")["revoked_reason"] == "trained on mislabelled demos"
 
     args = ["--bank", root] + (["--db", db_url] if db_url else [])
-    code, out, err = run_cli(*args, "audit", tmp_path / "deploy", "--json")
+    code, out, err = run_main(*args, "audit", tmp_path / "deploy", "--json")
     assert code == 0 and "revoked skill 's2'" in err and json.loads(out)["revoked"][0]["name"] == "s2"
-    code, out, err = run_cli(*args, "audit", tmp_path / "deploy", "--json", "--forbid-revoked")
+    code, out, err = run_main(*args, "audit", tmp_path / "deploy", "--json", "--forbid-revoked")
     assert code == 3 and "revoked skill 's2'" in err
     assert json.loads(out)["gate"]["ok"] is False
-    code, out, err = run_cli(*args, "audit", tmp_path / "deploy", "--require-skill", "s1", "--json")
+    code, out, err = run_main(*args, "audit", tmp_path / "deploy", "--require-skill", "s1", "--json")
     assert code == 0  # --require-skill semantics unchanged
     bank.checkout("v1", tmp_path / "older")
-    code, _, err = run_cli(*args, "audit", tmp_path / "older", "--forbid-revoked")
+    code, _, err = run_main(*args, "audit", tmp_path / "older", "--forbid-revoked")
     assert code == 0 and "revoked" not in err
-    code, out, err = run_cli(*args, "log", "v2")
+    code, out, err = run_main(*args, "log", "v2")
     assert code == 0 and "s2 (revoked)" in out
-    code, out, err = run_cli(*args, "revoke", "s2", "--reason", "x")
+    code, out, err = run_main(*args, "revoke", "s2", "--reason", "x")
     assert code == 1 and len(err.splitlines()) == 1
 
 
@@ -158,13 +158,13 @@ def test_rebuild_without_reapplies_the_stored_task_vectors(chain_bank, tmp_path)
 def test_rebuild_cli(chain_bank, tmp_path):
     root, db_url, bank, _ = chain_bank
     args = ["--bank", root] + (["--db", db_url] if db_url else [])
-    code, out, err = run_cli(*args, "rebuild", "main", "--without", "s3", "--branch", "no-s3", "--json")
+    code, out, err = run_main(*args, "rebuild", "main", "--without", "s3", "--branch", "no-s3", "--json")
     assert code == 0, err
     d = json.loads(out)
     assert d["branch"] == "no-s3" and [v["rebuilt_from"] for v in d["versions"]] == ["v4"]
-    code, out, err = run_cli(*args, "show", d["version"])
+    code, out, err = run_main(*args, "show", d["version"])
     assert code == 0 and "rebuilt from v4" in out
-    code, out, err = run_cli(*args, "rebuild", "main", "--without", "s3", "--branch", "no-s3")
+    code, out, err = run_main(*args, "rebuild", "main", "--without", "s3", "--branch", "no-s3")
     assert code == 1 and "already exists" in err and len(err.splitlines()) == 1
 
 
@@ -262,21 +262,21 @@ def test_merge_matches_numpy(forked_bank, tmp_path, method, params, weights):
 def test_merge_cli_and_errors(forked_bank, tmp_path):
     root, db_url, bank = forked_bank
     args = ["--bank", root] + (["--db", db_url] if db_url else [])
-    code, out, err = run_cli(*args, "merge", "main", "v1")
+    code, out, err = run_main(*args, "merge", "main", "v1")
     assert code == 1 and "ancestor" in err and len(err.splitlines()) == 1
-    code, out, err = run_cli(*args, "merge", "v3", "arm")
+    code, out, err = run_main(*args, "merge", "v3", "arm")
     assert code == 1 and "--branch" in err
-    code, out, err = run_cli(*args, "merge", "main", "arm", "--method", "dare", "--drop", "1.5")
+    code, out, err = run_main(*args, "merge", "main", "arm", "--method", "dare", "--drop", "1.5")
     assert code == 1 and "--drop" in err
-    code, out, err = run_cli(*args, "merge", "main", "arm", "--method", "ties", "--branch", "both", "--json")
+    code, out, err = run_main(*args, "merge", "main", "arm", "--method", "ties", "--branch", "both", "--json")
     assert code == 0, err
     d = json.loads(out)
     assert d["branch"] == "both" and d["params"]["density"] == 0.2
-    code, out, err = run_cli(*args, "log", "both")
+    code, out, err = run_main(*args, "log", "both")
     assert code == 0 and "(merge)" in out and "v3+v2" in out
     bank.revoke("s2", "unsafe")
     bank.checkout("both", tmp_path / "both")
-    code, out, err = run_cli(*args, "audit", tmp_path / "both", "--forbid-revoked", "--json")
+    code, out, err = run_main(*args, "audit", tmp_path / "both", "--forbid-revoked", "--json")
     assert code == 3 and json.loads(out)["revoked"][0]["name"] == "s2"
 
 
