@@ -151,16 +151,19 @@ class Bank:
             n_params, n_bytes = _param_count(specs)
             with db.write() as s:
                 existing = s.get(Meta, "bank_id")
-                if existing is not None:
+                if existing is not None and not _interrupted_init(s, db_url, base_obj):
                     raise SkillbankError(f"the database at {url!r} already holds bank {existing.value}")
-                s.add(Meta(key="bank_id", value=bank_id))
-                s.add(Version(id=0, parent_id=None, skill_id=None, method="base", alphas=None,
-                              group_preset=None, digest=base_obj, sha256=base_sha256, manifest=manifest,
-                              source=source,
-                              n_params=n_params, n_bytes=n_bytes, author=author,
-                              message=message or f"base from {source}"))
-                s.flush()
-                create_ref(s, "main", "branch", 0, "init", author, f"init from {source}")
+                if existing is not None:  # an init killed after its commit, before bank.json: finish it
+                    bank_id = existing.value
+                else:
+                    s.add(Meta(key="bank_id", value=bank_id))
+                    s.add(Version(id=0, parent_id=None, skill_id=None, method="base", alphas=None,
+                                  group_preset=None, digest=base_obj, sha256=base_sha256, manifest=manifest,
+                                  source=source,
+                                  n_params=n_params, n_bytes=n_bytes, author=author,
+                                  message=message or f"base from {source}"))
+                    s.flush()
+                    create_ref(s, "main", "branch", 0, "init", author, f"init from {source}")
             info = {"format": 1, "bank_id": bank_id}
             if db_url:
                 info["db_url"] = _without_password(db_url)  # as clone: from --db, env or ~/.pgpass
@@ -1441,6 +1444,15 @@ class Bank:
                 p.unlink(missing_ok=True)
         return {"removed": len(removed), "bytes_freed": freed, "temp_files": len(stale), "dry_run": dry_run,
                 "objects": removed}
+
+
+def _interrupted_init(s, db_url: str | None, base_digest: str) -> bool:
+    """The bank's own SQLite file holds exactly one version, this base: an init that was killed
+    between its commit and writing bank.json, which a re-run may finish."""
+    if db_url is not None:  # a shared database may hold someone else's bank with the same base
+        return False
+    ids = s.scalars(select(Version.id)).all()
+    return ids == [0] and s.get(Version, 0).digest == base_digest
 
 
 def _bank_database(root: Path, db_url: str | None) -> tuple[dict, Database]:

@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from skillbank.api import Bank
 from skillbank.cli import cli
 from skillbank.db import RefLog, Skill, TaskVector, Version
-from skillbank.errors import BranchMoved, IntegrityError, RefError
+from skillbank.errors import BranchMoved, IntegrityError, RefError, SkillbankError
 
 BARRIER_TIMEOUT = 120
 
@@ -401,5 +401,24 @@ def test_fsck_reports_a_missing_object(tmp_path, db_url, models):
         entry = next(p for p in report["problems"] if p.get("object") == manifest)
         assert entry["problem"] == "missing" and entry["versions"] == ["v1"]
         assert any(p.get("version") == "v1" for p in report["problems"])
+    finally:
+        bank.close()
+
+
+def test_init_killed_before_bank_json_is_finished_by_a_rerun(tmp_path, models):
+    """Between init's commit and bank.json the directory is no bank; running init again completes it."""
+    base, (ft, _, _) = models
+    root = tmp_path / "bank"
+    bank, first = Bank.init(root, str(base))
+    bank.close()
+    (root / "bank.json").unlink()  # where a SIGKILL after the commit leaves it
+    (root / "HEAD").unlink()
+    with pytest.raises(SkillbankError, match="already holds bank"):
+        Bank.init(root, str(ft))  # another base: refused, nothing changed
+    bank, again = Bank.init(root, str(base))
+    try:
+        assert again["bank"] == first["bank"] and again["digest"] == first["digest"]
+        assert [r["version"] for r in bank.log()] == ["v0"]
+        assert bank.fsck()["ok"] is True
     finally:
         bank.close()
