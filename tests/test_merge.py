@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from skillbank.errors import ValidationError
 from skillbank.groups import GROUPS, Preset
 from skillbank.merge.engine import blocks
-from skillbank.merge.methods import METHODS, retain
+from skillbank.merge.methods import METHODS, apply_delta, retain
 from skillbank.merge.recipe import OTHER, assign_groups, format_alphas, parse_alpha
 from skillbank.tensors import TensorSpec
 
@@ -115,6 +115,28 @@ def _values(dtype: torch.dtype, n: int):
         ),
         min_size=n, max_size=n,
     )
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(dtype=st.sampled_from(FLOATS + [torch.float64]), alpha=st.floats(0.0, 1.0), data=st.data())
+def test_retain_and_apply_delta_are_the_documented_three_roundings_bit_for_bit(dtype, alpha, data):
+    """The in-place kernels give exactly the bytes of sub, mul, add into fresh tensors (recorded
+    digests depend on it) and leave their inputs alone."""
+    n = data.draw(st.integers(1, 40))
+    p, f, x = (torch.tensor(data.draw(_values(torch.float32 if dtype == torch.float64 else dtype, n)),
+                            dtype=torch.float64).to(dtype) for _ in range(3))
+    assume(all(torch.isfinite(t).all() for t in (p, f, x)))
+    before = [t.clone() for t in (p, f, x)]
+    wide = torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+    a = torch.tensor(alpha, dtype=wide)
+    want = torch.add(p.to(wide), torch.mul(torch.sub(f.to(wide), p.to(wide)), a)).to(dtype)
+    want_delta = torch.add(x.to(wide), torch.mul(torch.sub(f.to(wide), p.to(wide)), a)).to(dtype)
+    bits = {torch.float64: torch.int64, torch.float32: torch.int32}.get(dtype, torch.int16)
+    if 0.0 < alpha < 1.0:
+        assert torch.equal(retain(p, f, alpha).view(bits), want.view(bits))
+    if alpha > 0.0:
+        assert torch.equal(apply_delta(x, p, f, alpha).view(bits), want_delta.view(bits))
+    assert all(torch.equal(t.view(bits), b.view(bits)) for t, b in zip((p, f, x), before))
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
