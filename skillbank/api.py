@@ -808,6 +808,24 @@ class Bank:
 
     # ----------------------------------------------------------------- strong digests
 
+    def rebuild_bytes(self, without_sha256: bool = False) -> int:
+        """Bytes a full fsck (or the SHA-256 backfill) rebuilds: a progress bar's total."""
+        q = select(func.sum(Version.n_bytes))
+        if without_sha256:
+            q = q.where(Version.sha256.is_(None))
+        with self.db.read() as s:
+            return int(s.scalar(q) or 0)
+
+    def _rebuilt_digests(self, v: Version, keyframes: frozenset[str], sha256: bool, progress: Progress,
+                         options: Options) -> tuple[str, str | None]:
+        """Rebuild `v` without writing it anywhere: its xxh3 digest and, if asked, its SHA-256."""
+        chain = open_chain(self.store, v.manifest, keyframes)
+        try:
+            hasher = WeightsDigest(chain.specs, sha256=sha256)
+            return materialize(chain, None, progress, options, hasher=hasher), hasher.sha256
+        finally:
+            chain.close()
+
     def backfill_sha256(self, progress: Progress = None, options: Options = Options()) -> dict:
         """Record the SHA-256 of every version that has none (written before schema 0004).
 
@@ -823,12 +841,7 @@ class Bank:
         problems: list[dict] = []
         for v in todo:
             try:
-                chain = open_chain(self.store, v.manifest, keyframes)
-                try:
-                    hasher = WeightsDigest(chain.specs, sha256=True)
-                    digest = materialize(chain, None, progress, options, hasher=hasher)
-                finally:
-                    chain.close()
+                digest, sha256 = self._rebuilt_digests(v, keyframes, True, progress, options)
             except SkillbankError as e:
                 problems.append({"version": v.label, "problem": str(e)})
                 continue
@@ -838,8 +851,8 @@ class Bank:
                 continue
             with self.db.write() as s:
                 s.execute(update(Version).where(Version.id == v.id, Version.sha256.is_(None))
-                          .values(sha256=hasher.sha256))
-            filled.append({"version": v.label, "sha256": hasher.sha256})
+                          .values(sha256=sha256))
+            filled.append({"version": v.label, "sha256": sha256})
         return {"ok": not problems, "missing": len(todo), "filled": filled, "problems": problems}
 
     # --- remotes / export
@@ -1398,18 +1411,13 @@ class Bank:
         for v in versions:
             try:
                 manifests_of(self.store, v.manifest)
-                if rebuild:
-                    chain = open_chain(self.store, v.manifest)
-                    hasher = WeightsDigest(chain.specs, sha256=v.sha256 is not None)
-                    try:
-                        digest = materialize(chain, None, progress, options, hasher=hasher)
-                    finally:
-                        chain.close()
+                if rebuild:  # from the base, ignoring keyframes: those are checked as objects
+                    digest, sha256 = self._rebuilt_digests(v, frozenset(), v.sha256 is not None, progress, options)
                     if digest != v.digest:
                         problems.append({"version": v.label, "problem": f"rebuilds to {digest}, recorded {v.digest}"})
-                    elif v.sha256 is not None and hasher.sha256 != v.sha256:
+                    elif v.sha256 is not None and sha256 != v.sha256:
                         problems.append({"version": v.label,
-                                         "problem": f"rebuilds to its xxh3 digest but to SHA-256 {hasher.sha256}, "
+                                         "problem": f"rebuilds to its xxh3 digest but to SHA-256 {sha256}, "
                                                     f"recorded {v.sha256} (forged objects or an edited database)"})
                 checked += 1
             except SkillbankError as e:

@@ -445,7 +445,11 @@ def pin(c: Ctx, ref: str, unpin: bool, chunk_mb: float, device: str, as_json: bo
 @click.pass_obj
 def fsck(c: Ctx, objects_only: bool, repair: bool, chunk_mb: float, device: str, as_json: bool) -> None:
     """Check every object against its digest and rebuild every version to its digest."""
-    r = c.bank().fsck(rebuild=not objects_only, options=Options(chunk_mb=chunk_mb, device=device), repair=repair)
+    bank = c.bank()
+    total = 0 if objects_only else bank.rebuild_bytes()
+    with progress_bar("rebuilding every version", total, as_json) as prog:
+        r = bank.fsck(rebuild=not objects_only, progress=prog, options=Options(chunk_mb=chunk_mb, device=device),
+                      repair=repair)
 
     def render(d):
         for x in d.get("repairs", []):
@@ -505,7 +509,9 @@ def db_upgrade(c: Ctx, as_json: bool) -> None:
 @click.pass_obj
 def db_backfill_sha256(c: Ctx, chunk_mb: float, device: str, as_json: bool) -> None:
     """Rebuild every version without a SHA-256 (from before schema 0004) and record it."""
-    r = c.bank().backfill_sha256(options=Options(chunk_mb=chunk_mb, device=device))
+    bank = c.bank()
+    with progress_bar("hashing versions", bank.rebuild_bytes(without_sha256=True), as_json) as prog:
+        r = bank.backfill_sha256(progress=prog, options=Options(chunk_mb=chunk_mb, device=device))
 
     def render(d):
         out.print(f"recorded SHA-256 for {len(d['filled'])} of {d['missing']} version(s) without one")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from skillbank.errors import IntegrityError, SkillbankError
-from skillbank.store.objects import ObjectStore, hash_file
+from skillbank.store.objects import ObjectStore
 from skillbank.tensors.writer import fsync_dir
 
 LOST_AND_FOUND = "lost+found"
@@ -45,7 +45,7 @@ class Damage:
             return f"object {self.digest} is missing"
         if self.kind == "truncated":
             return f"object {self.digest} is truncated ({self.size} of {self.expected} bytes)"
-        return f"object {self.digest} is corrupt (its bytes no longer match its digest)"
+        return str(ObjectStore.corrupt(self.digest))
 
 
 def _self_described_size(path: Path, size: int) -> int | None:
@@ -73,7 +73,7 @@ def diagnose(store: ObjectStore, digest: str, expected_size: int | None = None) 
         size = path.stat().st_size
     except FileNotFoundError:
         return Damage(digest, "missing")
-    if hash_file(path) == digest:
+    if store.verify(digest):
         return None
     expected = expected_size or _self_described_size(path, size)
     if expected is not None and size < expected:

@@ -161,11 +161,8 @@ class ObjectStore:
     def open_verified(self, digest: str) -> Path:
         """Path of a large object whose bytes were checked against its digest in this process."""
         p = self.open_path(digest)
-        key = self.verified_key(digest, p)
-        if key not in self._verified:
-            if hash_file(p) != digest:
-                raise self.corrupt(digest)
-            self._verified.add(key)
+        if not self.verify(digest):
+            raise self.corrupt(digest)
         return p
 
     @staticmethod
@@ -173,8 +170,18 @@ class ObjectStore:
         return IntegrityError(f"object {digest} is corrupt (its bytes no longer match its digest)")
 
     def verify(self, digest: str) -> bool:
+        """Whether the local copy is whole; hashed once per process while its size and mtime hold
+        (fsck checks every object, then rebuilds every version from the same ones)."""
         p = self.path(digest)
-        return p.is_file() and hash_file(p) == digest
+        if not p.is_file():
+            return False
+        key = self.verified_key(digest, p)
+        if key in self._verified:
+            return True
+        if hash_file(p) != digest:
+            return False
+        self._verified.add(key)
+        return True
 
     def size(self, digest: str) -> int:
         return self.path(digest).stat().st_size
