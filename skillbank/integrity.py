@@ -114,13 +114,17 @@ def damaged_objects(bank, uses: ObjectUses) -> list[Damage]:
     return out
 
 
+def _entry(uses: ObjectUses, dmg: Damage) -> dict:
+    return {"object": dmg.digest, "problem": dmg.describe(), "kind": dmg.kind,
+            "versions": uses.labels(uses.affected(dmg.digest))}
+
+
 def object_problems(bank) -> list[dict]:
     """fsck's object entries: {"object", "problem", "kind", "versions", "rows"}."""
     uses = _uses(bank)
     out = []
     for dmg in damaged_objects(bank, uses):
-        entry = {"object": dmg.digest, "problem": dmg.describe(), "kind": dmg.kind,
-                 "versions": uses.labels(uses.affected(dmg.digest)), "rows": uses.rows.get(dmg.digest, [])}
+        entry = {**_entry(uses, dmg), "rows": uses.rows.get(dmg.digest, [])}
         if not DIGEST_RE.match(dmg.digest):
             entry.update(problem="not a valid object digest", kind="malformed")
         out.append(entry)
@@ -136,8 +140,7 @@ def repair(bank) -> list[dict]:
     out: list[dict] = []
     keyframes: list[tuple[Damage, list[str]]] = []
     for dmg in damaged_objects(bank, uses):
-        entry = {"object": dmg.digest, "problem": dmg.describe(), "kind": dmg.kind,
-                 "versions": uses.labels(uses.affected(dmg.digest))}
+        entry = _entry(uses, dmg)
         if not DIGEST_RE.match(dmg.digest):
             out.append({**entry, "result": "unrepairable", "detail": "not a valid object digest"})
             continue
@@ -160,8 +163,7 @@ def repair(bank) -> list[dict]:
 
 def _rebuild_keyframe(bank, uses: ObjectUses, dmg: Damage, tried: list[str]) -> dict:
     vid = uses.keyframes[dmg.digest][0]
-    entry = {"object": dmg.digest, "problem": dmg.describe(), "kind": dmg.kind,
-             "versions": uses.labels(uses.affected(dmg.digest))}
+    entry = _entry(uses, dmg)
     moved = quarantine(bank.store, dmg.digest) if bank.store.path(dmg.digest).exists() else None
     try:
         bank.pin(f"v{vid}")  # the keyframe row is there: this writes the object again, verified
