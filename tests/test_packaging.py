@@ -20,4 +20,16 @@ def test_wheel_carries_migrations_and_entry_point(tmp_path):
                    "skillbank/migrations/versions/0001_initial_schema.py", "skillbank/groups.py"):
         assert needed in names
     entry = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "skillbank = skillbank.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
+    assert "skillbank = skillbank.entry:main" in zipfile.ZipFile(wheel).read(entry).decode()
+
+
+def test_console_script_runs_with_the_collector_back_on(monkeypatch, capsys):
+    import gc
+
+    from skillbank import __version__
+    from skillbank.entry import main
+
+    monkeypatch.setattr(sys, "argv", ["skillbank", "--version"])
+    main()
+    assert __version__ in capsys.readouterr().out
+    assert gc.isenabled()

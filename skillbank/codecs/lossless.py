@@ -39,17 +39,22 @@ def xor_bits(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
 
 
 def split_planes(x: np.ndarray) -> list[np.ndarray]:
-    """Byte k of every element, for k from least to most significant."""
+    """Byte k of every element, for k from least to most significant (little-endian storage)."""
     if x.dtype == np.uint8:
         return [x]
-    return [((x >> np.array(8 * k, dtype=x.dtype)) & np.array(0xFF, dtype=x.dtype)).astype(np.uint8)
-            for k in range(x.dtype.itemsize)]
+    columns = x.view(np.uint8).reshape(-1, x.dtype.itemsize)
+    return [np.ascontiguousarray(columns[:, k]) for k in range(x.dtype.itemsize)]
 
 
 def join_planes(planes: list[np.ndarray], dtype) -> np.ndarray:
-    out = planes[0].astype(dtype)
-    for k, p in enumerate(planes[1:], start=1):
-        out |= p.astype(dtype) << np.array(8 * k, dtype=dtype)
+    """The inverse of `split_planes`, by shift-and-or from the most significant plane down.
+
+    Whole-array integer ops vectorise; a strided byte copy per plane ran at about half the speed.
+    """
+    out = planes[-1].astype(dtype)
+    for p in reversed(planes[:-1]):
+        out <<= np.array(8, dtype=dtype)
+        out |= p
     return out
 
 
@@ -117,4 +122,4 @@ class XorZstd:
             planes.append(np.frombuffer(raw, dtype=np.uint8))
         x = join_planes(planes, _UNSIGNED[width]) if width > 1 else planes[0].copy()
         delta = torch.from_numpy(x.view(np.dtype(f"i{width}") if width > 1 else np.uint8))
-        return torch.bitwise_xor(_bits(parent).reshape(-1), delta).view(parent.dtype).view(parent.shape)
+        return delta.bitwise_xor_(_bits(parent).reshape(-1)).view(parent.dtype).view(parent.shape)

@@ -27,6 +27,34 @@ def register_method(name: str):
     return wrap
 
 
+# Elements per tile of a CPU kernel: its fp32 scratch (a few MB) stays in the core's caches.
+TILE = 1 << 18
+
+
+def tiled(kernel: Callable[..., torch.Tensor], out_dtype: torch.dtype, *blocks: torch.Tensor) -> torch.Tensor:
+    """`kernel(*blocks)` computed tile by tile on the CPU into one output of `out_dtype`.
+
+    The result is the same bytes as one call on whole blocks (the kernels are elementwise); the
+    speed is not: whole-block fp32 temporaries are fresh memory each time, so their page faults
+    and cache misses made the merge several times slower than reading and writing its bytes.
+    On a GPU the kernel runs once on the whole blocks.
+    """
+    if blocks[0].device.type != "cpu" or blocks[0].numel() <= TILE:
+        return kernel(*blocks).to(out_dtype)
+    flat = [b.reshape(-1) for b in blocks]
+    out = torch.empty(flat[0].numel(), dtype=out_dtype)
+    for s in range(0, out.numel(), TILE):
+        out[s:s + TILE] = kernel(*(f[s:s + TILE] for f in flat))
+    return out.view(blocks[0].shape)
+
+
+def _interpolate(parent: torch.Tensor, finetuned: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    # The same three roundings as sub / mul / add into fresh tensors, in place on one copy.
+    # (p + step is step + p: IEEE addition commutes.)
+    p = parent.to(alpha.dtype)
+    return finetuned.to(alpha.dtype, copy=True).sub_(p).mul_(alpha).add_(p)
+
+
 @register_method("retain")
 def retain(parent: torch.Tensor, finetuned: torch.Tensor, alpha: float) -> torch.Tensor:
     """RETAIN / WiSE-FT interpolation; alpha is the weight of the finetuned model."""
@@ -35,14 +63,8 @@ def retain(parent: torch.Tensor, finetuned: torch.Tensor, alpha: float) -> torch
     if alpha == 1.0 or not parent.is_floating_point():
         # Integer and bool buffers (step counters, masks) are copied, never interpolated.
         return finetuned
-    wide = compute_dtype(parent.dtype)
-    p = parent.to(wide)
-    # The same three roundings as sub / mul / add into fresh tensors, done in place on one copy:
-    # a fresh block-sized tensor per op cost page faults that made this 3x slower. (p + step is
-    # step + p: IEEE addition commutes.)
-    x = finetuned.to(wide, copy=True)
-    x.sub_(p).mul_(torch.tensor(alpha, dtype=wide, device=parent.device)).add_(p)
-    return x.to(parent.dtype)
+    a = torch.tensor(alpha, dtype=compute_dtype(parent.dtype), device=parent.device)
+    return tiled(lambda p, f: _interpolate(p, f, a), parent.dtype, parent, finetuned)
 
 
 # ----------------------------------------------------------------- additive deltas (rebuild --without)
@@ -61,10 +83,13 @@ def apply_delta(x: torch.Tensor, parent: torch.Tensor, finetuned: torch.Tensor, 
         return x
     if not x.is_floating_point():
         return finetuned
-    wide = compute_dtype(x.dtype)
-    tau = finetuned.to(wide, copy=True)  # in place on one copy, as in `retain`
-    tau.sub_(parent.to(wide)).mul_(torch.tensor(alpha, dtype=wide, device=x.device)).add_(x.to(wide))
-    return tau.to(x.dtype)
+    a = torch.tensor(alpha, dtype=compute_dtype(x.dtype), device=x.device)
+
+    def kernel(x_: torch.Tensor, p: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        tau = f.to(a.dtype, copy=True)  # in place on one copy, as in `retain`
+        return tau.sub_(p.to(a.dtype)).mul_(a).add_(x_.to(a.dtype))
+
+    return tiled(kernel, x.dtype, x, parent, finetuned)
 
 
 # ----------------------------------------------------------------- combining branches (merge A B)
