@@ -11,7 +11,7 @@ import xxhash
 
 from skillbank.errors import IntegrityError
 from skillbank.store import ObjectStore, hash_file
-from skillbank.store.objects import READ_BLOCK
+from skillbank.store.objects import MAP_WINDOW
 
 
 @pytest.fixture
@@ -106,11 +106,11 @@ def test_streaming_writer_commits_what_was_written(store):
 
 
 def test_large_object_spanning_read_blocks(store):
-    data = os.urandom(READ_BLOCK + 12345)
+    data = os.urandom(MAP_WINDOW + 12345)
     digest = store.put_bytes(data)
     assert store.verify(digest)
     assert hash_file(store.path(digest)) == xxhash.xxh3_128_hexdigest(data)
-    _flip_bit(store.path(digest), READ_BLOCK + 100, 3)  # damage in the second read block
+    _flip_bit(store.path(digest), MAP_WINDOW + 100, 3)  # damage in the second mapped window
     assert not store.verify(digest)
 
 

@@ -58,7 +58,7 @@ class Opened:
     def base(self, digest: str) -> SafetensorsFile:
         key = ("base", digest)
         if key not in self.readers:
-            self.readers[key] = SafetensorsFile(self.checks.start(self.store, digest))
+            self.readers[key] = SafetensorsFile(self.checks.start(self.store, digest), mapped=True)
         return self.readers[key]
 
     def task_vector(self, digest: str) -> TaskVectorReader:

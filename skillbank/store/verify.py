@@ -14,7 +14,7 @@ from pathlib import Path
 import xxhash
 
 from skillbank.errors import IntegrityError
-from skillbank.store.objects import READ_BLOCK, ObjectStore
+from skillbank.store.objects import ObjectStore, mapped_windows
 
 # One thread: objects are hashed one after another in the order they were opened (the base
 # first), a sequential read for the disk, whatever the number of passes in the process.
@@ -34,13 +34,11 @@ class BackgroundCheck:
         if key in store._verified:
             return None
         h = xxhash.xxh3_128()
-        buf = bytearray(READ_BLOCK)
-        view = memoryview(buf)
         with open(path, "rb", buffering=0) as f:
-            while n := f.readinto(view):
+            for window in mapped_windows(f.fileno()):
                 if self._stop.is_set():
                     return None
-                h.update(view[:n])
+                h.update(window)
         if h.hexdigest() != digest:
             return store.corrupt(digest)
         store._verified.add(key)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import stat
 import struct
@@ -84,8 +85,9 @@ def refuse_pickle(path: Path) -> None:
 class SafetensorsFile:
     """One .safetensors file: its validated header and positioned reads of its tensors."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, mapped: bool = False):
         self.path = Path(path)
+        self.mapped = mapped
         refuse_pickle(self.path)
         try:
             self._fd = os.open(self.path, os.O_RDONLY)
@@ -168,10 +170,22 @@ class SafetensorsFile:
         return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end, str(self.path))
 
     def read(self, info: TensorInfo, first: int = 0, count: int | None = None) -> torch.Tensor:
-        """Elements [first, first+count) of a tensor, flattened, in a fresh buffer."""
+        """Elements [first, first+count) of a tensor, flattened, in a fresh buffer.
+
+        A `mapped` file (a store object: immutable, checked at open to hold every tensor) hands
+        out a private copy-on-write map of the page cache instead: no copy, and writes to the
+        tensor stay in the process. A file that may change under us is read with preadv, so
+        that a truncation is an error, not a SIGBUS.
+        """
         if count is None:
             count = info.numel - first
         nbytes = count * info.itemsize
+        if self.mapped and nbytes:
+            start = info.start + first * info.itemsize
+            aligned = start - start % mmap.ALLOCATIONGRANULARITY
+            window = mmap.mmap(self._fd, start + nbytes - aligned, offset=aligned, access=mmap.ACCESS_COPY)
+            return torch.frombuffer(window, dtype=SAFETENSORS_TO_TORCH[info.dtype], count=count,
+                                    offset=start - aligned)
         buf = bytearray(nbytes)
         view = memoryview(buf)
         pos, got = info.start + first * info.itemsize, 0
