@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from skillbank.errors import ValidationError
 from skillbank.groups import GROUPS, Preset
 from skillbank.merge.engine import blocks
+from skillbank.merge import methods
 from skillbank.merge.methods import METHODS, apply_delta, retain
 from skillbank.merge.recipe import OTHER, assign_groups, format_alphas, parse_alpha
 from skillbank.tensors import TensorSpec
@@ -120,11 +121,13 @@ def _values(dtype: torch.dtype, n: int):
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(dtype=st.sampled_from(FLOATS + [torch.float64]), alpha=st.floats(0.0, 1.0), data=st.data())
 def test_retain_and_apply_delta_are_the_documented_three_roundings_bit_for_bit(dtype, alpha, data):
-    """The in-place kernels give exactly the bytes of sub, mul, add into fresh tensors (recorded
-    digests depend on it) and leave their inputs alone."""
-    n = data.draw(st.integers(1, 40))
+    """The in-place, tiled kernels give exactly the bytes of sub, mul, add into fresh tensors on
+    whole blocks (recorded digests depend on it), whatever the tile, and leave their inputs alone."""
+    rows, cols = data.draw(st.integers(1, 8)), data.draw(st.integers(1, 6))
+    n = rows * cols
     p, f, x = (torch.tensor(data.draw(_values(torch.float32 if dtype == torch.float64 else dtype, n)),
-                            dtype=torch.float64).to(dtype) for _ in range(3))
+                            dtype=torch.float64).to(dtype).reshape(rows, cols) for _ in range(3))
+    tile = data.draw(st.integers(1, n + 1))
     assume(all(torch.isfinite(t).all() for t in (p, f, x)))
     before = [t.clone() for t in (p, f, x)]
     wide = torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
@@ -132,11 +135,27 @@ def test_retain_and_apply_delta_are_the_documented_three_roundings_bit_for_bit(d
     want = torch.add(p.to(wide), torch.mul(torch.sub(f.to(wide), p.to(wide)), a)).to(dtype)
     want_delta = torch.add(x.to(wide), torch.mul(torch.sub(f.to(wide), p.to(wide)), a)).to(dtype)
     bits = {torch.float64: torch.int64, torch.float32: torch.int32}.get(dtype, torch.int16)
-    if 0.0 < alpha < 1.0:
-        assert torch.equal(retain(p, f, alpha).view(bits), want.view(bits))
-    if alpha > 0.0:
-        assert torch.equal(apply_delta(x, p, f, alpha).view(bits), want_delta.view(bits))
+    saved, methods.TILE = methods.TILE, tile
+    try:
+        if 0.0 < alpha < 1.0:
+            assert torch.equal(retain(p, f, alpha).view(bits), want.view(bits))
+        if alpha > 0.0:
+            assert torch.equal(apply_delta(x, p, f, alpha).view(bits), want_delta.view(bits))
+    finally:
+        methods.TILE = saved
     assert all(torch.equal(t.view(bits), b.view(bits)) for t, b in zip((p, f, x), before))
+
+
+@pytest.mark.parametrize("n", [methods.TILE - 1, methods.TILE + 1, 3 * methods.TILE + 7])
+def test_tiles_of_the_real_size_give_the_whole_block_bytes(n):
+    g = torch.Generator().manual_seed(n)
+    p = torch.randn(n, generator=g).to(torch.bfloat16)
+    f = (p.float() + 1e-3 * torch.randn(n, generator=g)).to(torch.bfloat16)
+    a = torch.tensor(0.8, dtype=torch.float32)
+    want = torch.add(p.float(), torch.mul(torch.sub(f.float(), p.float()), a)).to(torch.bfloat16)
+    assert torch.equal(retain(p, f, 0.8).view(torch.int16), want.view(torch.int16))
+    want_delta = torch.add(f.float(), torch.mul(torch.sub(f.float(), p.float()), a)).to(torch.bfloat16)
+    assert torch.equal(apply_delta(f, p, f, 0.8).view(torch.int16), want_delta.view(torch.int16))
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])

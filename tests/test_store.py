@@ -236,3 +236,13 @@ def test_stale_temp_files(store):
     w.abort()
     assert store.stale_temp_files(older_than=0) == []
 
+
+
+def test_hash_file_of_an_empty_file_and_across_map_windows(tmp_path):
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    assert hash_file(empty) == xxhash.xxh3_128(b"").hexdigest()
+    data = os.urandom(2 * MAP_WINDOW + 1)
+    big = tmp_path / "big"
+    big.write_bytes(data)
+    assert hash_file(big) == xxhash.xxh3_128(data).hexdigest()

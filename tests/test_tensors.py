@@ -226,6 +226,30 @@ def test_read_result_is_an_independent_buffer(sample_file):
         assert_same_bits(ck.read("fp32", 20, 10), tensors["fp32"].reshape(-1)[20:30])
 
 
+def test_mapped_reads_equal_copied_reads_and_stay_private(sample_file):
+    """Store objects are read through copy-on-write maps: same values, and no write reaches the file."""
+    path, tensors = sample_file
+    before = Path(path).read_bytes()
+    plain, mapped = SafetensorsFile(path), SafetensorsFile(path, mapped=True)
+    try:
+        for name, t in tensors.items():
+            info = plain.tensors[name]
+            n = info.numel
+            for first, count in [(0, n), (1, max(n - 1, 0)), (n // 3, n // 2), (n, 0)]:
+                assert_same_bits(mapped.read(mapped.tensors[name], first, count), plain.read(info, first, count))
+        kept = mapped.read(mapped.tensors["fp32"], 20, 10)
+        kept.zero_()
+        mapped.close()  # a map outlives its file's descriptor
+        assert float(kept.abs().sum()) == 0.0
+        again = SafetensorsFile(path, mapped=True)
+        assert_same_bits(again.read(again.tensors["fp32"], 20, 10), tensors["fp32"].reshape(-1)[20:30])
+        again.close()
+    finally:
+        plain.close()
+        mapped.close()
+    assert Path(path).read_bytes() == before
+
+
 # --------------------------------------------------------------------------- validation
 
 

@@ -19,6 +19,7 @@ from typing import Iterator
 import xxhash
 
 from skillbank.errors import IntegrityError
+from skillbank.tensors.direct import DirectFile
 from skillbank.tensors.writer import fsync_dir
 
 DIGEST_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -55,9 +56,14 @@ class ObjectWriter:
 
     def __init__(self, store: "ObjectStore"):
         self.store = store
-        fd, name = tempfile.mkstemp(dir=store.tmp, prefix="obj-")
+        fd, name = tempfile.mkstemp(dir=store.tmp, prefix="obj-")  # a fresh name, made exclusively
+        os.close(fd)
         self.tmp_path = Path(name)
-        self.file = os.fdopen(fd, "wb")
+        try:
+            self.file = DirectFile(name)  # objects are large and written once: no page cache copy
+        except BaseException:
+            self.tmp_path.unlink(missing_ok=True)
+            raise
         self._h = xxhash.xxh3_128()
         self.size = 0
 

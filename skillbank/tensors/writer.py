@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 import xxhash
 
+from skillbank.tensors.direct import DirectFile
 from skillbank.tensors.dtypes import ITEMSIZE
 
 
@@ -143,7 +144,7 @@ class CheckpointWriter:
         self._files = []
         try:
             for path, shard in zip(self._tmp, self.shards):
-                f = open(path, "wb", opener=no_follow)
+                f = DirectFile(path)
                 self._files.append(f)
                 f.write(header_bytes(shard, self.metadata))
         except BaseException:
@@ -168,8 +169,11 @@ class CheckpointWriter:
             self._advance()
 
     def _advance(self) -> None:
+        done = self._shard_of[self._order[self._pos].name]
         self._pos += 1
         self._left = self._order[self._pos].nbytes if self._pos < len(self._order) else 0
+        if self._pos == len(self._order) or self._shard_of[self._order[self._pos].name] != done:
+            self._files[done].flush()  # a finished shard gives its staging buffer back
 
     def commit(self) -> list[Path]:
         """fsync every shard, then rename into place and write the index when sharded."""
