@@ -30,6 +30,9 @@ def test_console_script_runs_with_the_collector_back_on(monkeypatch, capsys):
     from skillbank.entry import main
 
     monkeypatch.setattr(sys, "argv", ["skillbank", "--version"])
-    main()
+    try:
+        main()
+    finally:
+        gc.unfreeze()  # the rest of the test session collects as usual
     assert __version__ in capsys.readouterr().out
     assert gc.isenabled()
