@@ -793,3 +793,25 @@ def test_executable_exit_codes_and_stderr(tmp_path):
     r = json.loads(out)
     assert (r["version"], r["parent"], r["branch"]) == ("v1", "v0", "main")
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_checkout_into_a_directory_another_checkout_is_writing_is_refused(env):
+    """Two checkouts into one --out must not interleave their bytes in one temp file."""
+    import fcntl
+
+    sb = env.sb
+    out = env.tmp / "shared-out"
+    out.mkdir()
+    head = (sb.bank / "HEAD").read_text()
+    busy = out / ".model.safetensors.partial"
+    with open(busy, "wb") as f:  # what a checkout still running holds
+        f.write(b"in progress")
+        f.flush()
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        line = sb.fail("checkout", "v1", "--out", out)
+        assert "another checkout is writing" in line and str(out) in line
+        assert busy.read_bytes() == b"in progress"
+    assert (sb.bank / "HEAD").read_text() == head
+    assert not (out / "model.safetensors").exists()
+    sb.ok("checkout", "v1", "--out", out)  # free again: the temp file is reused and renamed
+    assert (out / "model.safetensors").exists() and not busy.exists()

@@ -107,3 +107,27 @@ def test_tmpfs_works_through_the_fallback(tmp_path):
         data = os.urandom(direct.STAGE_BYTES + 12345)
         _write_all(Path(d) / "w", [data[:100], data[100:]])
         assert (Path(d) / "w").read_bytes() == data
+
+
+def test_a_second_writer_of_the_same_temp_path_is_refused_and_the_first_is_intact(tmp_path):
+    import torch
+
+    from skillbank.errors import CheckpointError
+    from skillbank.tensors import CheckpointWriter, TensorSpec
+
+    specs = [TensorSpec("w", "BF16", (4096, 64))]
+    x = torch.randn(4096, 64).to(torch.bfloat16)
+    first = CheckpointWriter(tmp_path, specs)
+    first.write("w", x[:2048])
+    with pytest.raises(CheckpointError, match="another checkout is writing"):
+        CheckpointWriter(tmp_path, specs)
+    first.write("w", x[2048:])
+    (path,) = first.commit()
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(path)["w"], x)
+    second = CheckpointWriter(tmp_path, specs)  # the name is free again once the first is done
+    second.write("w", x)
+    second.commit()
+    assert torch.equal(load_file(path)["w"], x)
+    assert not list(tmp_path.glob("*.partial"))

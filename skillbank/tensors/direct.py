@@ -11,7 +11,8 @@ O_DIRECT wants the buffer address, the file offset and the length aligned to the
 size. The stage is page-aligned memory written in whole stages from offset 0, so only the last
 partial stage needs care: its aligned part goes direct, then O_DIRECT is switched off on the
 descriptor (fcntl F_SETFL) for the few remaining bytes. A filesystem that refuses O_DIRECT
-(tmpfs, some network and FUSE filesystems) gets ordinary buffered writes, same bytes.
+(tmpfs, some network and FUSE filesystems) gets ordinary buffered writes, same bytes. The file is
+locked (flock) while it is written, so two writers of one temp path cannot mix their bytes.
 """
 
 from __future__ import annotations
@@ -39,15 +40,26 @@ class DirectFile:
 
     def __init__(self, path: str | os.PathLike, direct: bool = True):
         self.direct = bool(direct and _DIRECT)
+        fd = -1
         if self.direct:
             try:
-                self._f = open(path, "wb", buffering=0, opener=_opener(True))
+                fd = _opener(True)(path, os.O_WRONLY | os.O_CREAT)
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
                 self.direct = False
-        if not self.direct:
-            self._f = open(path, "wb", opener=_opener(False))
+        if fd < 0:
+            fd = _opener(False)(path, os.O_WRONLY | os.O_CREAT)
+        try:
+            # Locked before it is emptied: a second writer of the same path fails here
+            # (BlockingIOError) instead of truncating the first one's bytes and interleaving.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_size:
+                os.ftruncate(fd, 0)
+            self._f = open(fd, "wb", buffering=0 if self.direct else -1)
+        except BaseException:
+            os.close(fd)
+            raise
         self._stage = mmap.mmap(-1, STAGE_BYTES) if self.direct else None
         self._used = 0
 

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 import xxhash
 
+from skillbank.errors import CheckpointError
 from skillbank.tensors.direct import DirectFile
 from skillbank.tensors.dtypes import ITEMSIZE
 
@@ -144,7 +145,11 @@ class CheckpointWriter:
         self._files = []
         try:
             for path, shard in zip(self._tmp, self.shards):
-                f = DirectFile(path)
+                try:
+                    f = DirectFile(path)
+                except BlockingIOError:
+                    raise CheckpointError(f"{self.out_dir}: another checkout is writing {path.name} here; "
+                                          "wait for it to finish or choose another --out") from None
                 self._files.append(f)
                 f.write(header_bytes(shard, self.metadata))
         except BaseException:
@@ -182,10 +187,13 @@ class CheckpointWriter:
         for f in self._files:
             f.flush()
             os.fsync(f.fileno())
-            f.close()
         final = [self.out_dir / n for n in self.names]
+        # Renamed while still locked, then closed: a writer that opens the temp name after
+        # this gets a new file, never this one to truncate.
         for tmp, dst in zip(self._tmp, final):
             os.replace(tmp, dst)
+        for f in self._files:
+            f.close()
         if len(final) > 1:
             index = {
                 "metadata": {"total_size": sum(s.nbytes for s in self._order), **self.metadata},
@@ -196,13 +204,15 @@ class CheckpointWriter:
         return final
 
     def abort(self) -> None:
+        # Unlinked while still locked (the temp files this writer created, no others), then closed:
+        # a writer that takes the name next must not lose its file to this unlink.
+        for tmp in self._tmp[:len(self._files)]:
+            tmp.unlink(missing_ok=True)
         for f in self._files:
             try:
                 f.close()
             except OSError:
                 pass  # closing flushes what is buffered, which fails on a full disk; it closes anyway
-        for tmp in self._tmp[:len(self._files)]:  # only the temp files this writer created
-            tmp.unlink(missing_ok=True)
 
 
 def fsync_dir(path: Path) -> None:
