@@ -131,3 +131,11 @@ def test_a_second_writer_of_the_same_temp_path_is_refused_and_the_first_is_intac
     second.commit()
     assert torch.equal(load_file(path)["w"], x)
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_close_twice_is_a_no_op(tmp_path):
+    f = DirectFile(tmp_path / "c")
+    f.write(b"x" * 100_001)
+    f.close()
+    f.close()
+    assert (tmp_path / "c").read_bytes() == b"x" * 100_001

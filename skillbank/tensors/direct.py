@@ -132,6 +132,8 @@ class DirectFile:
             self._buffered()
 
     def close(self) -> None:
+        if self._f.closed:  # a writer's abort may close what its commit already closed
+            return
         try:
             self.flush()
         finally:
