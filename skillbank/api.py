@@ -469,8 +469,8 @@ class Bank:
                                  "run `skillbank db backfill-sha256` first")
         result = {"version": version.label, "digest": version.digest, "sha256": version.sha256, "ref": ref}
         if out is not None:
-            result.update(self._materialize(version, Path(out), lineage, max_shard_size, progress, options,
-                                            verify_sha256))
+            result.update(self._materialize(version, self._outside(out), lineage, max_shard_size, progress,
+                                            options, verify_sha256))
         if ref.strip() == "HEAD":
             new_head = self.head  # as in git: checking out HEAD leaves it attached where it is
         else:
@@ -478,6 +478,15 @@ class Bank:
         write_head(self.root, new_head, f"checkout {ref}")
         result["head"] = new_head.describe()
         return result
+
+    def _outside(self, out: str | os.PathLike) -> Path:
+        """A user's --out, refused inside the bank or its object store (gc and fsck own those files)."""
+        out = Path(out)
+        where = out.resolve()
+        for own in {self.root.resolve(), self.store.objects.resolve()}:
+            if where == own or own in where.parents:
+                raise ValidationError(f"--out {out} is inside the bank ({own}); choose a directory outside it")
+        return out
 
     def _materialize(self, version: Version, out: Path, lineage: list[dict],
                      max_shard_size: int | None, progress: Progress, options: Options,
@@ -1075,11 +1084,15 @@ class Bank:
     def export(self, ref: str, fmt: str, out: str | os.PathLike, *, max_shard_size: int | None = None,
                progress: Progress = None, options: Options = Options()) -> dict:
         """A directory `from_pretrained` (hf) or `lerobot-train --policy.path` (lerobot) accepts."""
+        return self._export(ref, fmt, self._outside(out), max_shard_size=max_shard_size, progress=progress,
+                            options=options)
+
+    def _export(self, ref: str, fmt: str, out: Path, *, max_shard_size: int | None = None,
+                progress: Progress = None, options: Options = Options()) -> dict:
         from skillbank import hub
 
         if fmt not in ("hf", "lerobot"):
             raise ValidationError(f"--format {fmt!r}: expected hf or lerobot")
-        out = Path(out)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise SkillbankError(f"--out {out} exists and is not an empty directory")
         with self.db.read() as s:
@@ -1127,8 +1140,8 @@ class Bank:
         self.store.tmp.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self.store.tmp, prefix="hub-") as work:
             folder = Path(work) / "export"
-            exported = self.export(version.label, fmt, folder, max_shard_size=max_shard_size,
-                                   progress=progress, options=options)
+            exported = self._export(version.label, fmt, folder, max_shard_size=max_shard_size,
+                                    progress=progress, options=options)  # a work dir of the bank's own
             with self.db.read() as s:
                 v = s.get(Version, version.id)
                 what = f"skill {v.skill.name} (alpha {format_alphas(v.alphas)})" if v.skill else "base"

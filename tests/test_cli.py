@@ -815,3 +815,17 @@ def test_a_checkout_into_a_directory_another_checkout_is_writing_is_refused(env)
     assert not (out / "model.safetensors").exists()
     sb.ok("checkout", "v1", "--out", out)  # free again: the temp file is reused and renamed
     assert (out / "model.safetensors").exists() and not busy.exists()
+
+
+@pytest.mark.parametrize("where", [".", "objects", "objects/ab", "tmp/x", "deeper/still"])
+def test_checkout_and_export_refuse_an_out_inside_the_bank(env, where):
+    sb = env.sb
+    before = sorted(str(p.relative_to(sb.bank)) for p in sb.bank.rglob("*"))
+    head = (sb.bank / "HEAD").read_text()
+    out = sb.bank / where
+    line = sb.fail("checkout", "v1", "--out", out)
+    assert "inside the bank" in line
+    line = sb.fail("export", "v1", "--out", out)
+    assert "inside the bank" in line
+    assert sorted(str(p.relative_to(sb.bank)) for p in sb.bank.rglob("*")) == before
+    assert (sb.bank / "HEAD").read_text() == head
