@@ -53,18 +53,14 @@ def test_direct_io_is_really_on_while_streaming(tmp_path, small_stage):
 
 
 def test_a_filesystem_that_refuses_o_direct_gets_buffered_writes(tmp_path, monkeypatch):
-    real = direct._opener
+    real = direct._open
 
-    def refusing(use_direct: bool):
-        if not use_direct:
-            return real(False)
-
-        def opener(path, flags):
+    def refusing(path, use_direct: bool):
+        if use_direct:
             raise OSError(errno.EINVAL, "Invalid argument")
+        return real(path, False)
 
-        return opener
-
-    monkeypatch.setattr(direct, "_opener", refusing)
+    monkeypatch.setattr(direct, "_open", refusing)
     data = os.urandom(1_000_003)
     f = _write_all(tmp_path / "y", [data])
     assert not f.direct
@@ -139,3 +135,13 @@ def test_close_twice_is_a_no_op(tmp_path):
     f.close()
     f.close()
     assert (tmp_path / "c").read_bytes() == b"x" * 100_001
+
+
+def test_a_filesystem_without_locks_still_gets_its_file(tmp_path, monkeypatch):
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(direct.fcntl, "flock", no_locks)
+    data = os.urandom(200_001)
+    _write_all(tmp_path / "n", [data])
+    assert (tmp_path / "n").read_bytes() == data

@@ -27,12 +27,19 @@ ALIGN = 64 * 2**10
 _DIRECT = getattr(os, "O_DIRECT", 0)
 
 
-def _opener(direct: bool):
-    def opener(path, flags: int) -> int:
-        # O_NOFOLLOW: never write through a symbolic link planted where a temp file goes.
-        return os.open(path, flags | os.O_NOFOLLOW | (_DIRECT if direct else 0), 0o666)
+def _open(path: str | os.PathLike, direct: bool) -> int:
+    # O_NOFOLLOW: never write through a symbolic link planted where a temp file goes. No O_TRUNC:
+    # the file is emptied only once it is locked.
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (_DIRECT if direct else 0), 0o666)
 
-    return opener
+
+def _lock(fd: int) -> None:
+    """Exclusive, non-blocking (BlockingIOError when held); skipped where the filesystem has no locks."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+            raise
 
 
 class DirectFile:
@@ -43,17 +50,17 @@ class DirectFile:
         fd = -1
         if self.direct:
             try:
-                fd = _opener(True)(path, os.O_WRONLY | os.O_CREAT)
+                fd = _open(path, True)
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
                 self.direct = False
         if fd < 0:
-            fd = _opener(False)(path, os.O_WRONLY | os.O_CREAT)
+            fd = _open(path, False)
         try:
             # Locked before it is emptied: a second writer of the same path fails here
             # (BlockingIOError) instead of truncating the first one's bytes and interleaving.
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock(fd)
             if os.fstat(fd).st_size:
                 os.ftruncate(fd, 0)
             self._f = open(fd, "wb", buffering=0 if self.direct else -1)
